@@ -1,0 +1,97 @@
+"""Stage 0: next-token pretraining of the backbone (algo=pretrain).
+
+loss = mean over positions t of -log p(x_{t+1} | x_{<=t}). Everything else here is
+bookkeeping a demanding user expects: AdamW with decay groups, warmup + cosine, perplexity,
+bits per byte (tokenizer independent), and a few text samples at each validation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.algos.base import StageModule, check_vocab
+from lmforge.optim import OptimConfig
+
+
+@dataclass
+class PretrainConfig:
+    name: str = "pretrain"
+    batch_size: int = 16  # micro-batch per device; global = batch * accumulation * world size
+    seq_len: int = 128
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    val_batches: int = 20  # validation windows = val_batches * batch_size
+    # Text samples generated at each validation from the data's sample prompts.
+    n_samples: int = 3
+    sample_tokens: int = 48
+    sample_temperature: float = 0.8
+
+
+class PretrainModule(StageModule):
+    stage = "pretrain"
+
+    def __init__(self, cfg, tokenizer, bytes_per_token: float | None = None):
+        super().__init__(cfg, tokenizer)
+        self.model = self.build_causal_lm()
+        self.bytes_per_token = bytes_per_token
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    def lm_loss(self, batch) -> torch.Tensor:
+        x, y = batch
+        logits = self.model(x)
+        # Cross-entropy in fp32: under bf16 autocast the logits' log-softmax loses precision.
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+    def training_step(self, batch, batch_idx):
+        loss = self.lm_loss(batch)
+        self.count_tokens(batch[0].numel())
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/ppl", torch.exp(loss.detach()))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss = self.lm_loss(batch)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.trainer.callback_metrics.get("val/loss")
+        if loss is None:
+            return
+        loss = float(loss)
+        self.log("val/ppl", math.exp(min(loss, 50.0)), sync_dist=False)
+        if self.bytes_per_token:
+            # nats/token -> bits/byte: divide by ln 2 and by the bytes each token covers.
+            self.log("val/bpb", loss / math.log(2) / self.bytes_per_token)
+        if not self.trainer.sanity_checking:
+            self.log_samples()
+
+    def configure_optimizers(self):
+        return self.adamw_with_schedule(self.model, self.cfg.algo.optim)
+
+
+def build(cfg, run_dir):
+    """The pretraining stage: a tokenizer and token files from data.*, a fresh (or init_from) model."""
+    from lmforge.data.pretrain_data import PretrainBatching, PretrainDataModule, load_or_train_tokenizer
+    from lmforge.data.prompts import sample_prompts
+
+    tokenizer = load_or_train_tokenizer(cfg.data)
+    check_vocab(tokenizer, cfg)
+    dm = PretrainDataModule(
+        cfg.data,
+        PretrainBatching(cfg.algo.batch_size, cfg.algo.seq_len, cfg.algo.val_batches, cfg.seed),
+        tokenizer,
+    )
+    dm.prepare_data()
+    module = PretrainModule(cfg, tokenizer, bytes_per_token=dm.bytes_per_token)
+    if cfg.init_from:
+        module.init_model_from(cfg.init_from, allowed=("pretrain", "sft"))
+    module.sample_prompts = sample_prompts(cfg.data, cfg.algo.n_samples)
+    return module, dm
+
+
+CONFIG = PretrainConfig

@@ -1,0 +1,21 @@
+"""lmforge's entry point: `python train.py algo=<stage> model=<size> data=<source> key=value ...`.
+
+Hydra composes conf/train.yaml and the command line into one typed config; lmforge.run does the rest.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from lmforge.config import register_configs
+from lmforge.run import main
+
+register_configs()
+
+
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+def train(cfg: DictConfig) -> None:
+    main(cfg)
+
+
+if __name__ == "__main__":
+    train()
