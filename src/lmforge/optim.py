@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -20,8 +20,9 @@ class OptimConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     warmup_steps: int = 100
-    # The cosine decays to lr * min_lr_ratio at trainer.max_steps.
+    # The cosine decays to lr * min_lr_ratio at decay_steps (default: trainer.max_steps).
     min_lr_ratio: float = 0.1
+    decay_steps: Optional[int] = None
     # Clip the global gradient norm to this (0 disables).
     grad_clip: float = 1.0
     # "auto": fused AdamW on CUDA, foreach elsewhere; "fused" | "foreach" | "loop".

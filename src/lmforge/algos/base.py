@@ -60,7 +60,7 @@ class StageModule(L.LightningModule):
 
     def adamw_with_schedule(self, model: torch.nn.Module, optim: OptimConfig):
         opt = build_adamw(model, optim)
-        sched = build_scheduler(opt, optim, total_steps=self.trainer.max_steps)
+        sched = build_scheduler(opt, optim, total_steps=optim.decay_steps or self.trainer.max_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer) -> None:
