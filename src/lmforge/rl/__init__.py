@@ -1,0 +1,54 @@
+"""RL math for RLHF as small pure torch functions (no Lightning).
+
+Token-level tensors are (B, T) over response tokens with a ``mask`` that is 1
+up to and including the first EOS and 0 after. See "The N Implementation
+Details of RLHF with PPO" (Huang et al., 2023) for the conventions followed.
+"""
+
+from .advantages import (
+    MovingAverageBaseline,
+    discounted_returns,
+    gae_advantages,
+    grpo_advantages,
+    last_token_index,
+    rloo_advantages,
+    token_rewards,
+)
+from .kl import AdaptiveKLController, FixedKLController, kl_estimate, kl_k1, kl_k2, kl_k3
+from .losses import (
+    bradley_terry_loss,
+    entropy_from_logits,
+    grpo_loss,
+    logprobs_from_logits,
+    policy_gradient_loss,
+    ppo_policy_loss,
+    value_loss,
+)
+from .stats import explained_variance, masked_mean, masked_var, masked_whiten
+
+__all__ = [
+    "AdaptiveKLController",
+    "FixedKLController",
+    "MovingAverageBaseline",
+    "bradley_terry_loss",
+    "discounted_returns",
+    "entropy_from_logits",
+    "explained_variance",
+    "gae_advantages",
+    "grpo_advantages",
+    "grpo_loss",
+    "kl_estimate",
+    "kl_k1",
+    "kl_k2",
+    "kl_k3",
+    "last_token_index",
+    "logprobs_from_logits",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "policy_gradient_loss",
+    "ppo_policy_loss",
+    "rloo_advantages",
+    "token_rewards",
+    "value_loss",
+]
