@@ -52,7 +52,7 @@ def main(cfg: DictConfig) -> dict:
     stage = importlib.import_module(STAGES[cfg.algo.name])
     module, datamodule = stage.build(cfg, run_dir)
     loggers = build_loggers(cfg.logger, run_dir, run_name(cfg))
-    trainer = build_trainer(cfg, run_dir, loggers)
+    trainer = build_trainer(cfg, run_dir, loggers, module)
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     start = time.perf_counter()

@@ -73,11 +73,18 @@ def progress_callback(cfg: TrainerConfig):
     return None
 
 
-def build_trainer(cfg, run_dir: Path, loggers: list, extra_callbacks: list | None = None) -> L.Trainer:
+def build_trainer(cfg, run_dir: Path, loggers: list, module: L.LightningModule,
+                  extra_callbacks: list | None = None) -> L.Trainer:
+    """A Trainer for `module`: its `checkpoint_monitor` (metric, mode) picks the best checkpoint;
+    gradient clipping is Lightning's under automatic optimization, the module's own otherwise."""
+    from lmforge.strategy import build_strategy
+
     t: TrainerConfig = cfg.trainer
     ckpt_dir = run_dir / "checkpoints"
+    monitor, mode = getattr(module, "checkpoint_monitor", ("val/loss", "min"))
+    clip = cfg.algo.optim.grad_clip if module.automatic_optimization else 0.0
     callbacks = [
-        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min",
+        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode,
                         save_top_k=1, save_last=True, auto_insert_metric_name=False),
         Throughput(every=t.log_every),
     ]
@@ -90,13 +97,13 @@ def build_trainer(cfg, run_dir: Path, loggers: list, extra_callbacks: list | Non
         devices=t.devices,
         num_nodes=t.num_nodes,
         precision=resolve_precision(t),
-        strategy="auto",
+        strategy=build_strategy(cfg.strategy),
         max_steps=t.max_steps,
         val_check_interval=t.eval_every * t.accumulate_grad_batches,
         check_val_every_n_epoch=None,
         log_every_n_steps=t.log_every,
         accumulate_grad_batches=t.accumulate_grad_batches,
-        gradient_clip_val=cfg.algo.optim.grad_clip or None,
+        gradient_clip_val=clip or None,
         logger=loggers or False,
         callbacks=callbacks,
         enable_progress_bar=bar is not None,
