@@ -69,3 +69,14 @@ def test_train_py_end_to_end_and_resume(tmp_path, shared_cache):
         torch.testing.assert_close(resumed.state_dict[k], v, rtol=0, atol=0, msg=k)
     steps = sorted(column(read_metrics(part), "train/loss"))
     assert steps == sorted(set(steps)), "the step axis must not repeat after resume"
+
+
+@pytest.mark.slow
+def test_multirun_sweep_gives_one_run_folder_per_job(tmp_path, shared_cache):
+    sweep = tmp_path / "sweep"
+    train_py("-m", *SMOKE, f"data.cache_dir={shared_cache}", "trainer.max_steps=3", "trainer.eval_every=3",
+             "algo.n_samples=0", "algo.optim.lr=1e-3,3e-4", f"hydra.sweep.dir={sweep}")
+    for job, lr in (("0", 1e-3), ("1", 3e-4)):
+        ckpt = load_checkpoint(sweep / job / "checkpoints" / "last.ckpt")
+        assert ckpt.raw["global_step"] == 3
+        assert ckpt.meta["config"]["algo"]["optim"]["lr"] == lr
