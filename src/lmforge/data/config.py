@@ -97,9 +97,12 @@ class HHDataConfig(JsonlDataConfig):
     assistant_marker: str = "\n\nAssistant:"
 
 
+from lmforge.data.feedback_data import FeedbackDataConfig  # noqa: E402  (it extends DataConfig above)
+
 DATA_SCHEMAS = {
     "synthetic": SyntheticDataConfig,
     "text": TextDataConfig,
     "jsonl": JsonlDataConfig,
     "hh": HHDataConfig,
+    "feedback": FeedbackDataConfig,
 }

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,16 +153,21 @@ def _iter_text_files(files, paths, clean_html, collapse_whitespace, config_key) 
 # ======================================================================= JSONL
 
 
-def iter_jsonl_records(path: str | os.PathLike, config_key: str = "data.path") -> Iterator[tuple[int, dict]]:
+def iter_jsonl_records(
+    path: str | os.PathLike,
+    config_key: str = "data.path",
+    on_error: Callable[[DataError], None] | None = None,
+) -> Iterator[tuple[int, dict]]:
     """Yield ``(line_number, object)`` for each non-blank line of a JSONL file.
 
     Line numbers are 1-based, as editors show them. Errors name ``file:line``:
     undecodable bytes, malformed JSON, a line that is not a JSON object. Reads
-    line by line, so memory is bounded by the longest line.
+    line by line, so memory is bounded by the longest line. With ``on_error`` an unreadable
+    line's DataError goes to it and reading goes on (a generator that raised cannot resume).
     """
     path = os.fspath(path)
     _check_is_file(path, config_key)  # eager: a bad path fails at the call, not mid-iteration
-    return _iter_jsonl(path)
+    return _iter_jsonl(path, on_error)
 
 
 def _check_is_file(path: str, config_key: str) -> None:
@@ -173,14 +178,21 @@ def _check_is_file(path: str, config_key: str) -> None:
         )
 
 
-def _iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
+def _iter_jsonl(path: str, on_error: Callable[[DataError], None] | None) -> Iterator[tuple[int, dict]]:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             if lineno == 1 and raw.startswith(_BOM):
                 raw = raw[len(_BOM) :]
             if not raw.strip():
                 continue
-            yield lineno, _parse_jsonl_line(raw, f"{path}:{lineno}")
+            try:
+                obj = _parse_jsonl_line(raw, f"{path}:{lineno}")
+            except DataError as e:
+                if on_error is None:
+                    raise
+                on_error(e)
+                continue
+            yield lineno, obj
 
 
 def _parse_jsonl_line(raw: bytes, where: str) -> dict:
@@ -196,6 +208,10 @@ def _parse_jsonl_line(raw: bytes, where: str) -> dict:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
         raise DataError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno}): fix the line or remove it") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply to read; flatten the line or remove it") from None
+    except ValueError as exc:  # e.g. an integer literal longer than Python's int_max_str_digits
+        raise DataError(f"{where}: unreadable JSON value ({str(exc)[:120]}); fix the line or remove it") from None
     if not isinstance(obj, dict):
         raise DataError(
             f'{where}: expected a JSON object like {{"text": "..."}}, got {_json_type(obj)}; '
@@ -220,6 +236,13 @@ def get_text_field(obj: dict, field: str, where: str, config_key: str) -> str:
     value = obj[field]
     if not isinstance(value, str):
         raise DataError(f"{where}: field {field!r} ({config_key}) is {_json_type(value)}, expected a string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # JSON's "\\ud800" escapes decode to lone surrogates
+        raise DataError(
+            f"{where}: field {field!r} ({config_key}) holds an unpaired UTF-16 surrogate escape at character "
+            f"{exc.start}, which is not text; fix the line or remove it"
+        ) from None
     return value
 
 
