@@ -5,6 +5,8 @@ One ModelConfig spans two families:
 
 * GPT-2: layernorm, learned positions, gelu MLP, biases, tied embeddings;
 * Llama: rmsnorm, rotary positions (RoPE), swiglu MLP, no biases, grouped-query attention.
+  Variants of it that Hugging Face families need: `qkv_bias` (Qwen2: biases on the q/k/v
+  projections only) and RoPE scaling (`rope_scaling`: "linear", "llama3") for long contexts.
 
 Shape letters in comments: B batch, T tokens in this call, S = tokens already in the KV
 cache + T (the key length), H query heads, Hkv key/value heads, D head_dim.
@@ -38,7 +40,13 @@ _CHOICES = {
     "pos": ("rope", "learned"),
     "activation": ("swiglu", "gelu"),
 }
-_POSITIVE_INTS = ("n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "vocab_size", "max_seq_len")
+_POSITIVE_INTS = (
+    "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "vocab_size", "max_seq_len", "rope_original_max_seq_len",
+)  # fmt: skip
+# RoPE scalings lmforge computes exactly as Hugging Face does. Others ("dynamic", "yarn",
+# "longrope", ...) change the attention itself or depend on the sequence length; the HF
+# importer refuses them by name.
+ROPE_SCALINGS = ("none", "linear", "llama3")
 
 
 @dataclass
@@ -61,6 +69,18 @@ class ModelConfig:
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    # Bias on the fused q/k/v projection only, even with bias=False (Qwen2). bias=True implies it.
+    qkv_bias: bool = False
+    # RoPE scaling ("none" | "linear" | "llama3"), as in Hugging Face's `rope_scaling`:
+    #   linear: every inverse frequency / rope_factor (position interpolation);
+    #   llama3: Llama 3.1's per-frequency interpolation: wavelengths longer than
+    #     rope_original_max_seq_len / rope_low_freq_factor are divided by rope_factor, shorter
+    #     than .../ rope_high_freq_factor kept, those between blended smoothly.
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3 only
+    rope_high_freq_factor: float = 4.0  # llama3 only
+    rope_original_max_seq_len: int = 8192  # llama3 only: the context the model was pretrained at
 
     @property
     def head_dim(self) -> int:
@@ -103,6 +123,28 @@ class ModelConfig:
             raise ModelConfigError(f"model.rope_theta={self.rope_theta!r} must be positive (10000.0 is standard)")
         if not self.norm_eps > 0:
             raise ModelConfigError(f"model.norm_eps={self.norm_eps!r} must be positive (1e-5 is standard)")
+        self._validate_rope_scaling()
+
+    def _validate_rope_scaling(self) -> None:
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise ModelConfigError(
+                f"model.rope_scaling={self.rope_scaling!r} is not supported: pick one of {ROPE_SCALINGS} "
+                "(dynamic NTK, YaRN and LongRoPE scalings are not implemented)"
+            )
+        if self.rope_scaling == "none":
+            return
+        if self.pos != "rope":
+            raise ModelConfigError(
+                f"model.rope_scaling={self.rope_scaling!r} scales rotary positions, but model.pos={self.pos!r}: "
+                "use rope_scaling='none'"
+            )
+        if not self.rope_factor > 0:
+            raise ModelConfigError(f"model.rope_factor={self.rope_factor!r} must be positive (e.g. 8.0)")
+        if self.rope_scaling == "llama3" and not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+            raise ModelConfigError(
+                f"model.rope_low_freq_factor={self.rope_low_freq_factor!r} and model.rope_high_freq_factor="
+                f"{self.rope_high_freq_factor!r} must satisfy 0 < low < high (Llama 3.1 uses 1.0 and 4.0)"
+            )
 
 
 # ----------------------------------------------------------------------------- norms
@@ -135,14 +177,36 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 # ----------------------------------------------------------------------------- rotary positions
 
 
+def rope_inverse_frequencies(cfg: ModelConfig) -> Tensor:
+    """(D/2,) fp32 angle per position of each channel pair, with cfg's RoPE scaling. Written
+    with the very float operations of Hugging Face's `modeling_rope_utils`, so the cos/sin
+    tables are bit-identical to transformers' (a one-ulp difference in a frequency grows into
+    1e-4 radians by position 4096)."""
+    D = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64).to(torch.float32) / D))
+    if cfg.rope_scaling == "linear":
+        inv_freq = inv_freq / cfg.rope_factor
+    elif cfg.rope_scaling == "llama3":
+        factor, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        old_len = cfg.rope_original_max_seq_len
+        low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for rotary position embeddings, "rotate half" layout (Llama / HF):
     channel i pairs with channel i + D/2 rather than with its neighbour (the paper's
     interleaved layout), so HF Llama q/k weights load without a permutation."""
 
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
+        self.cfg, self.max_seq_len = cfg, cfg.max_seq_len
         self.register_buffer("cos", None, persistent=False)  # (max_seq_len, D)
         self.register_buffer("sin", None, persistent=False)
         self._build_tables(device=None)
@@ -150,8 +214,7 @@ class RotaryEmbedding(nn.Module):
     def _build_tables(self, device: torch.device | None) -> None:
         # Always fp32: in bf16 the angle position * frequency is off by whole radians past a
         # few hundred positions. Explicit dtypes also beat a bf16 torch.set_default_dtype.
-        channel = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32)
-        inv_freq = self.theta ** (-channel / self.head_dim)  # (D/2,)
+        inv_freq = rope_inverse_frequencies(self.cfg).to(device)  # (D/2,)
         position = torch.arange(self.max_seq_len, device=device, dtype=torch.float32)
         angle = torch.outer(position, inv_freq)  # (max_seq_len, D/2)
         angle = torch.cat([angle, angle], dim=-1)  # both channels of a pair share an angle
@@ -248,7 +311,9 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.dropout = cfg.dropout
         # One matmul for all three: H query heads, then Hkv key heads, then Hkv value heads.
-        self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
+        self.qkv = nn.Linear(
+            cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias or cfg.qkv_bias
+        )
         self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)  # residual projection
         self.resid_drop = nn.Dropout(cfg.dropout)
 
@@ -346,7 +411,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos == "learned" else None
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta) if cfg.pos == "rope" else None
+        self.rope = RotaryEmbedding(cfg) if cfg.pos == "rope" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = make_norm(cfg)
