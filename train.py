@@ -3,11 +3,14 @@
 Hydra composes conf/train.yaml and the command line into one typed config; lmforge.run does the rest.
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 from lmforge.config import register_configs
 from lmforge.run import main
+from lmforge.strategy import nonzero_rank_hydra_overrides
 
 register_configs()
 
@@ -18,4 +21,7 @@ def train(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    # Ranks other than zero (torchrun, srun, Lightning's per-rank relaunch) share rank zero's run
+    # folder: they write no .hydra/ copy and no train.log there, only to their console.
+    sys.argv += nonzero_rank_hydra_overrides()
     train()

@@ -7,13 +7,15 @@ that smuggles code in a pickle is refused, never executed.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
 from lmforge.data.tokenizer import Tokenizer
+from lmforge.hf.tokenizer import HFTokenizer, tokenizer_from_bytes  # imports `tokenizers` only for HF blobs
 from lmforge.model import ModelConfig
 
 FORMAT_VERSION = 1
@@ -28,31 +30,31 @@ class StageCheckpoint:
     path: Path
     stage: str
     model_config: ModelConfig
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | HFTokenizer
     state_dict: dict[str, torch.Tensor]  # the LightningModule's, keys like `model.backbone.…`
     meta: dict[str, Any]
     raw: dict[str, Any]
 
 
-def load_checkpoint(path: str | Path) -> StageCheckpoint:
+def load_checkpoint(path: str | Path, mmap: bool = False) -> StageCheckpoint:
+    """Read a checkpoint with weights_only=True (mmap: tensors are paged in only when used).
+    A directory is a Hugging Face model (read directly, weights converted lazily) or one that
+    `python -m lmforge.convert import` wrote (its lmforge.ckpt)."""
+    from lmforge.fault import safe_torch_load
+
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a safe checkpoint"
-        raise CheckpointError(
-            f"{path}: cannot be read as a checkpoint with weights_only=True ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200]}). It is truncated, not a lmforge checkpoint, or "
-            "contains pickled code, which lmforge refuses to execute."
-        ) from None
+    if path.is_dir():
+        from lmforge.hf.importer import load_hf_checkpoint
+
+        return load_hf_checkpoint(path)
+    raw = safe_torch_load(path, map_location="cpu", mmap=mmap)
     meta = raw.get("lmforge") if isinstance(raw, dict) else None
     if not meta:
         raise CheckpointError(f"{path}: not a lmforge checkpoint (no 'lmforge' metadata entry)")
     known = {f.name for f in fields(ModelConfig)}
     mc = ModelConfig(**{k: v for k, v in meta["model_config"].items() if k in known})
-    tokenizer = Tokenizer.from_proto(meta["tokenizer"].numpy().tobytes())
-    return StageCheckpoint(path, meta["stage"], mc, tokenizer, raw["state_dict"], meta, raw)
+    tokenizer = tokenizer_from_bytes(meta["tokenizer"].numpy().tobytes(), source=str(path))
+    return StageCheckpoint(path, meta["stage"], mc, tokenizer, raw.get("state_dict", {}), meta, raw)
 
 
 def submodule_state(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -65,7 +67,7 @@ def check_compatible(ckpt: StageCheckpoint, model_cfg: ModelConfig, what: str = 
     """Refuse, naming every differing field, a checkpoint whose shape differs from the config."""
     a, b = asdict(ckpt.model_config), asdict(model_cfg)
     shape_keys = ("n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "vocab_size", "norm", "pos",
-                  "activation", "bias", "tie_embeddings")
+                  "activation", "bias", "qkv_bias", "tie_embeddings")
     diffs = [f"model.{k}: checkpoint {a[k]!r} vs config {b[k]!r}" for k in shape_keys if a[k] != b[k]]
     if diffs:
         raise CheckpointError(
@@ -106,3 +108,44 @@ def require_stage(ckpt: StageCheckpoint, allowed: Iterable[str], what: str) -> N
                 else ""
             )
         )
+
+
+# Settings that decide which samples a step reads: resuming with others changes the data order.
+DATA_ORDER_KEYS = ("seed", "algo.batch_size", "algo.seq_len", "algo.rollout_batch_size",
+                   "trainer.accumulate_grad_batches", "data.source", "data.seed", "data.n_docs", "data.path",
+                   "data.paths", "data.db", "data.val_fraction")
+
+
+def _get(cfg: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(cfg, dict) or part not in cfg:
+            return None
+        cfg = cfg[part]
+    return cfg
+
+
+def check_resume(ckpt: StageCheckpoint, cfg: Any, model_cfg: ModelConfig) -> list[str]:
+    """Refuse a checkpoint this run cannot continue (another stage, model shape or tokenizer);
+    return the data-order settings that differ from the checkpoint's run (a warning: the resumed
+    run would read other data than the original one would have)."""
+    algo = cfg.algo.name
+    if ckpt.stage != algo:
+        hint = (
+            f" To start algo={algo} from those weights, use init_from={ckpt.path} (and no resume)."
+            if ckpt.stage in ("pretrain", "sft") and algo != "pretrain"
+            else ""
+        )
+        raise CheckpointError(
+            f"resume={ckpt.path} is a '{ckpt.stage}' checkpoint, but this run is algo={algo}: resume continues "
+            f"the same stage (run algo={ckpt.stage} to continue it).{hint}"
+        )
+    check_compatible(ckpt, model_cfg, what="resume")
+    from omegaconf import DictConfig, OmegaConf
+
+    old = ckpt.meta.get("config") or {}
+    now = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    return [
+        f"{k}: checkpoint {_get(old, k)!r} vs now {_get(now, k)!r}"
+        for k in DATA_ORDER_KEYS
+        if _get(old, k) != _get(now, k)
+    ]

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lmforge.perf import Throughput
+from lmforge.progress import PlainProgress, progress_callback  # noqa: F401  (the progress display, trainer.progress_bar)
+from lmforge.strategy import StrategyConfig  # noqa: F401  (the `strategy` group's schema lives with the strategies)
 
 
 @dataclass
@@ -22,17 +23,20 @@ class TrainerConfig:
     # "auto": bf16-mixed on a GPU that supports it, 32-true elsewhere.
     precision: str = "auto"
     max_steps: int = 300
-    # Validate (and checkpoint) every this many optimizer steps.
+    # Validate and write checkpoints/last.ckpt every this many optimizer steps.
     eval_every: int = 100
+    # Also write last.ckpt every this many minutes of training (null: only at eval_every).
+    checkpoint_every_minutes: Optional[float] = None
+    # Also keep each periodic checkpoint as checkpoints/step-NNNNNNN.ckpt, the newest k of them (0: none).
+    keep_last: int = 0
+    # Stop after this many optimizer steps in a row with a non-finite loss or gradients (each is skipped).
+    max_bad_steps: int = 5
+    # Before training: refuse a run folder without room for the checkpoints (params x 12 bytes each).
+    check_disk_space: bool = True
     log_every: int = 10
     accumulate_grad_batches: int = 1
     progress_bar: str = "auto"  # auto (rich on a terminal, plain lines otherwise) | rich | plain | none
     deterministic: bool = False
-
-
-@dataclass
-class StrategyConfig:
-    name: str = "single"  # single | ddp | fsdp
 
 
 def resolve_precision(cfg: TrainerConfig) -> str:
@@ -44,39 +48,25 @@ def resolve_precision(cfg: TrainerConfig) -> str:
     return "32-true"
 
 
-class PlainProgress(TQDMProgressBar):
-    """Not a terminal (CI, a log file): one line every `log_every` steps, no carriage returns."""
+def checkpoint_plugins() -> list:
+    """Atomic, weights_only checkpoint I/O; under SLURM, SIGUSR1 saves and requeues the job."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
 
-    def __init__(self, every: int):
-        super().__init__(refresh_rate=0)
-        self.every = every
+    from lmforge.fault import AtomicCheckpointIO
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        step = trainer.global_step
-        if step and step % self.every == 0 and step != getattr(self, "_last", -1):
-            self._last = step
-            metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
-            shown = " ".join(f"{k}={v}" for k, v in metrics.items())
-            print(f"step {step}/{trainer.max_steps} {shown}", flush=True)
+    plugins: list = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        import signal
 
-
-def progress_callback(cfg: TrainerConfig):
-    mode = cfg.progress_bar
-    if mode == "auto":
-        mode = "rich" if sys.stderr.isatty() else "plain"
-    if mode == "rich":
-        from lightning.pytorch.callbacks import RichProgressBar
-
-        return RichProgressBar()
-    if mode == "plain":
-        return PlainProgress(cfg.log_every)
-    return None
+        plugins.append(SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR1))
+    return plugins
 
 
 def build_trainer(cfg, run_dir: Path, loggers: list, module: L.LightningModule,
                   extra_callbacks: list | None = None) -> L.Trainer:
     """A Trainer for `module`: its `checkpoint_monitor` (metric, mode) picks the best checkpoint;
     gradient clipping is Lightning's under automatic optimization, the module's own otherwise."""
+    from lmforge.fault import NonFiniteGuard, PeriodicCheckpoint, RNGState
     from lmforge.strategy import build_strategy
 
     t: TrainerConfig = cfg.trainer
@@ -84,8 +74,12 @@ def build_trainer(cfg, run_dir: Path, loggers: list, module: L.LightningModule,
     monitor, mode = getattr(module, "checkpoint_monitor", ("val/loss", "min"))
     clip = cfg.algo.optim.grad_clip if module.automatic_optimization else 0.0
     callbacks = [
+        # best.ckpt; last.ckpt is PeriodicCheckpoint's (written at every validation, not only on improvement)
         ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode,
-                        save_top_k=1, save_last=True, auto_insert_metric_name=False),
+                        save_top_k=1, save_last=False, auto_insert_metric_name=False),
+        PeriodicCheckpoint(ckpt_dir, every_minutes=t.checkpoint_every_minutes, keep_last=t.keep_last),
+        RNGState(),
+        NonFiniteGuard(max_bad_steps=t.max_bad_steps, checkpoint_dir=ckpt_dir),
         Throughput(every=t.log_every),
     ]
     bar = progress_callback(t)
@@ -111,6 +105,7 @@ def build_trainer(cfg, run_dir: Path, loggers: list, module: L.LightningModule,
         default_root_dir=str(run_dir),
         deterministic=t.deterministic,
         num_sanity_val_steps=0,
+        plugins=checkpoint_plugins(),
     )
     trainer.lmforge_run_dir = run_dir
     return trainer

@@ -10,12 +10,13 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import CONF, compose_config
 from lmforge.algos import STAGES
-from lmforge.config import ConfigError, validate
+from lmforge.config import RL_ALGOS, ConfigError, validate
 from lmforge.model import CausalLM, ModelConfigError
 
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 ALGOS = sorted(p.stem for p in (CONF / "algo").glob("*.yaml"))
-REQUIRED_PATHS = {"text": ["data.paths=[x.txt]"], "jsonl": ["data.path=x.jsonl"], "hh": ["data.path=x.jsonl"]}
+REQUIRED_PATHS = {"text": ["data.paths=[x.txt]"], "jsonl": ["data.path=x.jsonl"], "hh": ["data.path=x.jsonl"],
+                  "feedback": ["data.db=x.db"]}
 
 
 def group_files(group: str) -> list[str]:
@@ -37,7 +38,12 @@ def test_every_config_file_composes(tmp_path, group, name):
 @pytest.mark.parametrize("algo", ALGOS)
 @pytest.mark.parametrize("model", MODELS)
 def test_every_model_algo_combination_instantiates(tmp_path, model, algo):
-    cfg = compose_config([f"model={model}", f"algo={algo}"], run_dir=tmp_path)
+    overrides = [f"model={model}", f"algo={algo}"]
+    if algo in RL_ALGOS:  # validate() wants the policy and reward checkpoints to exist
+        for name in ("policy.ckpt", "reward.ckpt"):
+            (tmp_path / name).touch()
+        overrides += [f"init_from={tmp_path / 'policy.ckpt'}", f"algo.reward.model={tmp_path / 'reward.ckpt'}"]
+    cfg = compose_config(overrides, run_dir=tmp_path)
     OmegaConf.resolve(cfg)
     mc = validate(cfg)
     assert cfg.algo.name in STAGES

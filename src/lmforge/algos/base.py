@@ -58,6 +58,14 @@ class StageModule(L.LightningModule):
     def flops_per_token(self) -> float:
         return self.model.backbone.flops_per_token(self.cfg.algo.seq_len)
 
+    def configure_model(self) -> None:
+        """Lightning's hook, run on every rank once the processes exist and before the optimizer
+        is built: FSDP2 sharding of every model under strategy=fsdp, activation checkpointing
+        where asked, the global-batch bookkeeping (lmforge.strategy.configure_for_strategy)."""
+        from lmforge.strategy import configure_for_strategy
+
+        configure_for_strategy(self)
+
     def adamw_with_schedule(self, model: torch.nn.Module, optim: OptimConfig):
         opt = build_adamw(model, optim)
         sched = build_scheduler(opt, optim, total_steps=optim.decay_steps or self.trainer.max_steps)

@@ -63,10 +63,12 @@ class PretrainModule(StageModule):
         if loss is None:
             return
         loss = float(loss)
-        self.log("val/ppl", math.exp(min(loss, 50.0)), sync_dist=False)
+        # From the already reduced val/loss, so the same on every rank: sync_dist=True is a no-op
+        # mean that spares the DDP warning "It is recommended to use sync_dist=True".
+        self.log("val/ppl", math.exp(min(loss, 50.0)), sync_dist=True)
         if self.bytes_per_token:
             # nats/token -> bits/byte: divide by ln 2 and by the bytes each token covers.
-            self.log("val/bpb", loss / math.log(2) / self.bytes_per_token)
+            self.log("val/bpb", loss / math.log(2) / self.bytes_per_token, sync_dist=True)
         if not self.trainer.sanity_checking:
             self.log_samples()
 
@@ -76,10 +78,11 @@ class PretrainModule(StageModule):
 
 def build(cfg, run_dir):
     """The pretraining stage: a tokenizer and token files from data.*, a fresh (or init_from) model."""
-    from lmforge.data.pretrain_data import PretrainBatching, PretrainDataModule, load_or_train_tokenizer
+    from lmforge.algos.base import stage_tokenizer
+    from lmforge.data.pretrain_data import PretrainBatching, PretrainDataModule
     from lmforge.data.prompts import sample_prompts
 
-    tokenizer = load_or_train_tokenizer(cfg.data)
+    tokenizer = stage_tokenizer(cfg)  # init_from's (e.g. a Hugging Face model's), else data.tokenizer's
     check_vocab(tokenizer, cfg)
     dm = PretrainDataModule(
         cfg.data,
