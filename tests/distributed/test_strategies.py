@@ -112,6 +112,24 @@ def test_fsdp_trains_saves_resumes_like_one_process(tmp_path, dist_cache, refere
     assert_same_weights(reference / "checkpoints" / "last.ckpt", single / "checkpoints" / "last.ckpt")
 
 
+def test_ddp_kill_and_resume_matches_one_process_under_ddp_and_fsdp(tmp_path, dist_cache, reference):
+    """A DDP run stopped after 3 steps continues to STEPS from its checkpoint, under DDP and under
+    FSDP, with the one-process run's loss curve and weights (to float tolerance)."""
+    ddp3 = tmp_path / "ddp3"
+    run_train(*common(dist_cache), "strategy=ddp", *TWO_RANKS, "trainer.max_steps=3", "trainer.eval_every=1",
+              f"hydra.run.dir={ddp3}")
+    assert load_checkpoint(ddp3 / "checkpoints" / "last.ckpt").raw["global_step"] == 3
+    assert_same_curve(reference, ddp3, steps=range(0, 3))
+    for strategy in ("ddp", "fsdp"):
+        run = tmp_path / f"{strategy}-resumed"
+        shutil.copytree(ddp3, run)
+        run_train(*common(dist_cache), f"strategy={strategy}", *TWO_RANKS, *EVERY_STEP, "resume=auto",
+                  f"hydra.run.dir={run}")
+        assert load_checkpoint(run / "checkpoints" / "last.ckpt").raw["global_step"] == STEPS
+        assert_same_curve(reference, run, steps=range(3, STEPS))
+        assert_same_weights(reference / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
+
+
 def test_fsdp_consolidated_checkpoint_matches_sharded_one(tmp_path, dist_cache, fsdp_step3):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
