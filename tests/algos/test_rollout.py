@@ -196,10 +196,13 @@ class ShiftLM(nn.Module):
     def lm_head_weight(self):
         return self.w
 
-    def forward(self, idx, *, last_only=False, attention_mask=None, kv_cache=None, positions=None):
+    def forward(self, idx, *, last_only=False, columns=None, return_hidden=False, attention_mask=None,
+                kv_cache=None, positions=None):
         # No cache: generate() then feeds the whole sequence every step (kv_cache.length stays 0).
-        logits = F.linear(self.backbone(idx), self.w)
-        return logits[:, -1:] if last_only else logits
+        hidden = self.backbone(idx)
+        hidden = hidden[:, -1:] if last_only else hidden if columns is None else hidden[:, columns]
+        logits = F.linear(hidden, self.w)
+        return (logits, hidden) if return_hidden else logits
 
 
 class FakeTok:

@@ -168,8 +168,8 @@ def response_logits(model, sequences: Tensor, attention_mask: Tensor, prompt_len
     The hidden state at column t predicts token t+1, so the N response tokens at columns
     [P, P+N) are read from columns [P-1, P+N-1); the value of response step t is the value of
     the state before its token (the same columns)."""
-    hidden = model.backbone(sequences, attention_mask=attention_mask)[:, prompt_len - 1 : -1]
-    logits = F.linear(hidden, model.lm_head_weight)
+    logits, hidden = model(sequences, attention_mask=attention_mask, columns=slice(prompt_len - 1, -1),
+                           return_hidden=True)
     values = value_head(hidden).squeeze(-1).float() if value_head is not None else None
     return logits, values
 

@@ -34,16 +34,24 @@ class CausalLM(nn.Module):
     def lm_head_weight(self) -> Tensor:
         return self.backbone.wte.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward(self, idx: Tensor, *, last_only: bool = False, **backbone_kwargs) -> Tensor:
+    def forward(self, idx: Tensor, *, last_only: bool = False, columns: slice | None = None,
+                return_hidden: bool = False, **backbone_kwargs) -> Tensor | tuple[Tensor, Tensor]:
         """idx (B, T) -> logits (B, T, vocab_size) in the compute dtype.
 
         last_only: logits of the last position only, (B, 1, vocab_size) -- generation needs
         nothing else, and a (B, T, vocab) prefill is often the largest tensor of a rollout.
+        columns: logits of these positions only (RL scores just the response's).
+        return_hidden: also the hidden states the logits came from, (logits, hidden) -- for a value
+        head on the policy. Callers go through this forward, never `backbone` directly: under FSDP
+        the root module's hooks gather the embedding and the head.
         backbone_kwargs: attention_mask, positions, kv_cache (see Transformer.forward)."""
         hidden = self.backbone(idx, **backbone_kwargs)
         if last_only:
             hidden = hidden[:, -1:]
-        return F.linear(hidden, self.lm_head_weight)
+        elif columns is not None:
+            hidden = hidden[:, columns]
+        logits = F.linear(hidden, self.lm_head_weight)
+        return (logits, hidden) if return_hidden else logits
 
     def num_params(self) -> int:
         """Unique parameters: a tied embedding counts once."""

@@ -1,0 +1,59 @@
+"""Every stage under every multi-process strategy: SFT, reward and PPO, two ranks on CPU (gloo).
+
+Pretraining under DDP/FSDP is covered step for step in test_strategies.py; here each other stage
+runs two steps on two ranks from the small policy/reward checkpoints of the RL tests, and must
+finish with one checkpoint of its stage, loadable in one process, and one metrics file.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "algos"))  # the shared RL helpers
+
+from dist_helpers import read_metrics, run_train  # noqa: E402
+from test_rollout import build_rl_assets  # noqa: E402
+
+from lmforge.checkpoint import load_checkpoint  # noqa: E402
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+COMMON = ["model=nano", "logger=csv", "trainer.progress_bar=none", "trainer.accelerator=cpu", "trainer.devices=2",
+          "data.n_docs=2000", "trainer.max_steps=2", "trainer.eval_every=2", "trainer.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, shared_cache):
+    return build_rl_assets(tmp_path_factory, shared_cache)
+
+
+def stage_overrides(stage: str, assets: dict) -> list[str]:
+    init = [f"init_from={assets['policy']}", f"data.cache_dir={assets['cache']}"]
+    if stage == "sft":
+        return [*init, "algo=sft", "data.n_sft=200", "algo.batch_size=4", "algo.val_batches=1",
+                "algo.eval_prompts=4", "algo.max_new_tokens=4"]
+    if stage == "reward":
+        return [*init, "algo=reward", "data.n_pairs=200", "algo.batch_size=4", "algo.val_batches=1"]
+    return [*init, "algo=ppo", f"algo.reward.model={assets['reward']}", "algo.rollout_batch_size=4",
+            "algo.minibatch_size=4", "algo.micro_batch_size=2", "algo.max_new_tokens=4",
+            "algo.eval_max_new_tokens=4", "algo.eval_prompts=4", "algo.eval_batch_size=4", "algo.n_samples=1"]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
+def test_stage_runs_on_two_ranks(tmp_path, assets, stage, strategy):
+    run = tmp_path / "run"
+    run_train(*COMMON, *stage_overrides(stage, assets), f"strategy={strategy}", f"hydra.run.dir={run}")
+    ckpt = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert ckpt.stage == stage and ckpt.raw["global_step"] == 2
+    assert len(list(tmp_path.rglob("metrics.csv"))) == 1  # rank zero only
+    rows = read_metrics(run)
+    keys = {k for r in rows for k, v in r.items() if v}
+    expected = {"sft": "val/loss", "reward": "val/accuracy", "ppo": "rollout/reward_mean"}[stage]
+    assert expected in keys, sorted(keys)
+    if stage == "ppo":
+        # Statistics reduced over both ranks' rollouts: 2 ranks x 4 responses.
+        assert "train/world_size" in keys and {float(r["train/world_size"]) for r in rows if r.get("train/world_size")} == {2.0}
