@@ -17,6 +17,7 @@ import torch
 
 from dist_helpers import TINY, clean_env, column, dist_cache, free_port, read_metrics, run_train, train_cmd  # noqa: F401
 from lmforge.checkpoint import load_checkpoint
+from lmforge.tracking import wandb_run_files
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -67,13 +68,14 @@ def fsdp_step3(tmp_path_factory, dist_cache, reference) -> Path:
 
 def test_ddp_matches_one_process_and_writes_from_rank_zero_only(tmp_path, dist_cache, reference):
     # The default run folder (outputs/<date>/<time>-...), so that every rank must find it itself.
-    run_train(*common(dist_cache), "strategy=ddp", *TWO_RANKS, *EVERY_STEP, cwd=tmp_path)
+    run_train(*common(dist_cache), "strategy=ddp", *TWO_RANKS, *EVERY_STEP, "logger=[wandb,csv]", cwd=tmp_path)
     runs = [p.parent for p in tmp_path.rglob(".hydra")]
     assert len(runs) == 1, runs  # one run folder for both ranks
     run = runs[0]
     assert len(list(tmp_path.rglob("metrics.csv"))) == 1
     assert len(list(tmp_path.rglob("hparams.yaml"))) == 1
     assert not [p for p in tmp_path.rglob("*") if "rank" in p.name], "no per-rank files"
+    assert len(wandb_run_files(run)) == 1, "one W&B run (offline), created by rank zero only"
     assert load_checkpoint(run / "checkpoints" / "last.ckpt").raw["global_step"] == STEPS
 
     assert_same_curve(reference, run)
