@@ -1,8 +1,10 @@
-"""Every stage under every multi-process strategy: SFT, reward and PPO, two ranks on CPU (gloo).
+"""SFT, reward and PPO on two ranks on CPU (gloo), under DDP and FSDP.
 
 Pretraining under DDP/FSDP is covered step for step in test_strategies.py; here each other stage
 runs two steps on two ranks from the small policy/reward checkpoints of the RL tests, and must
-finish with one checkpoint of its stage, loadable in one process, and one metrics file.
+finish with one checkpoint of its stage, loadable in one process, and one metrics file. SFT and
+reward share the supervised path (StageModule, automatic optimization), so each takes one
+strategy and the pair covers both; PPO (manual optimization, generation, frozen models) takes both.
 """
 
 from __future__ import annotations
@@ -42,8 +44,7 @@ def stage_overrides(stage: str, assets: dict) -> list[str]:
             "algo.eval_max_new_tokens=4", "algo.eval_prompts=4", "algo.eval_batch_size=4", "algo.n_samples=1"]
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-@pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
+@pytest.mark.parametrize(("stage", "strategy"), [("sft", "fsdp"), ("reward", "ddp"), ("ppo", "ddp"), ("ppo", "fsdp")])
 def test_stage_runs_on_two_ranks(tmp_path, assets, stage, strategy):
     run = tmp_path / "run"
     run_train(*COMMON, *stage_overrides(stage, assets), f"strategy={strategy}", f"hydra.run.dir={run}")
