@@ -40,7 +40,6 @@ from lmforge.rl import (
     policy_gradient_loss,
     ppo_policy_loss,
     rloo_advantages,
-    token_rewards,
 )
 from lmforge.rl.stats import masked_mean
 
@@ -110,8 +109,7 @@ class ReinforceModule(PolicyGradientModule):
     def compute_advantages(self, ro: Rollout) -> dict[str, Tensor]:
         algo = self.cfg.algo
         m = ro.response_mask
-        rewards, ro.kl = token_rewards(ro.scores, ro.logprobs, ro.ref_logprobs, m, self.kl_ctl.value,
-                                       algo.kl_estimator)
+        rewards = self.kl_shaped_rewards(ro)
         returns = discounted_returns(rewards, m, algo.gamma)
         batch_mean = masked_mean(returns, m, reduce=self.reduce)
         # The baseline of PAST batches keeps the estimator unbiased; the first batch has none yet.

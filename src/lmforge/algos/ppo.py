@@ -63,7 +63,6 @@ from lmforge.rl import (
     logprobs_from_logits,
     masked_whiten,
     ppo_policy_loss,
-    token_rewards,
     value_loss,
 )
 
@@ -150,8 +149,7 @@ class PPOModule(RLStageModule):
     def compute_advantages(self, ro: Rollout) -> dict[str, Tensor]:
         algo = self.cfg.algo
         m = ro.response_mask
-        rewards, ro.kl = token_rewards(ro.scores, ro.logprobs, ro.ref_logprobs, m, self.kl_ctl.value,
-                                       algo.kl_estimator)
+        rewards = self.kl_shaped_rewards(ro)
         if algo.whiten_rewards:
             rewards = masked_whiten(rewards, m, shift_mean=False, reduce=self.reduce)
         adv, ro.returns = gae_advantages(rewards, ro.values, m, algo.gamma, algo.lam)

@@ -52,6 +52,7 @@ from lmforge.rl import (
     FixedKLController,
     entropy_from_logits,
     logprobs_from_logits,
+    token_rewards,
 )
 from lmforge.rl.stats import masked_mean
 from lmforge.strategy import gathered_for_generation
@@ -322,6 +323,14 @@ class RLStageModule(StageModule):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         pass
+
+    @torch.no_grad()
+    def kl_shaped_rewards(self, ro: Rollout) -> Tensor:
+        """Per-token rewards (B, N): the score at the last response token, minus beta * KL to the
+        reference on every token (`lmforge.rl.token_rewards`); sets ro.kl, the per-sequence KL."""
+        rewards, ro.kl = token_rewards(ro.scores, ro.logprobs, ro.ref_logprobs, ro.response_mask,
+                                       self.kl_ctl.value, self.cfg.algo.kl_estimator)
+        return rewards
 
     # -- reductions ------------------------------------------------------------------------
     @property
