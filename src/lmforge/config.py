@@ -43,6 +43,8 @@ class TrainConfig:
     resume: Optional[str] = None
     # torch.compile the model (first steps are slower while it compiles).
     compile: bool = False
+    # Where torch.compile keeps its generated code between runs (shared across runs by default).
+    compile_cache_dir: Optional[str] = "outputs/.compile_cache"
     # A name for the experiment a run belongs to (W&B group); stages of one pipeline share it.
     experiment_name: Optional[str] = None
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -87,6 +88,16 @@ def _tokenizer_bytes(tok) -> bytes | None:
     return proto() if callable(proto) else None
 
 
+def use_compile_cache(cfg: DictConfig) -> None:
+    """With compile=true, keep torch.compile's generated code in cfg.compile_cache_dir (Inductor
+    and Triton caches), so a second run with the same model and shapes starts without compiling.
+    An environment variable the user set wins."""
+    if cfg.compile and cfg.compile_cache_dir:
+        cache = Path(cfg.compile_cache_dir).expanduser().resolve()
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
+        os.environ.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
+
+
 def main(cfg: DictConfig) -> dict:
     """Run one stage. Returns the final metrics and where the outputs are."""
     console.setup()
@@ -97,6 +108,7 @@ def main(cfg: DictConfig) -> dict:
     ckpt_path = find_resume_checkpoint(cfg, run_dir)
     resume_from = prepare_resume(cfg, ckpt_path) if ckpt_path else None
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    use_compile_cache(cfg)
     if cfg.algo.name not in STAGES:
         raise ConfigError(f"algo.name={cfg.algo.name!r}: no such stage; choose one of {sorted(STAGES)}")
     stage = importlib.import_module(STAGES[cfg.algo.name])

@@ -279,6 +279,16 @@ def test_everything_after_the_first_eos_is_masked():
                                                [True, False, False, False]]
 
 
+def test_algo_static_cache_samples_the_same_rollout():
+    torch.manual_seed(0)
+    model = CausalLM(nano_config())
+    prompts = prompts_of([3, 4, 5], [6], [7, 8, 9, 10])
+    a, b = (sample_rollout(model, prompts, FakeTok(), max_new_tokens=6, temperature=1.0, static_cache=static,
+                           generator=torch.Generator().manual_seed(0)) for static in (False, True))
+    assert torch.equal(a.sequences, b.sequences) and torch.equal(a.response_mask, b.response_mask)
+    assert a.responses == b.responses
+
+
 def test_response_cut_by_the_length_limit_is_not_ended_and_is_penalized():
     model = ShiftLM(vocab=16)
     ro = sample_rollout(model, prompts_of([3]), FakeTok(), max_new_tokens=4, temperature=0.0)

@@ -83,6 +83,9 @@ class RLConfig:
     rollout_batch_size: int = 32  # prompts per rank and iteration
     samples_per_prompt: int = 1  # responses per prompt (RLOO/GRPO groups: >= 2)
     max_new_tokens: int = 16
+    # Decode with a static-shape KV cache (every step attends over all columns): lets a compiled
+    # policy (compile=true) reuse one compiled decode step; slower in eager mode.
+    static_cache: bool = False
     max_prompt_tokens: int = 96  # longer prompts lose tokens from the left
     temperature: float = 1.0
     top_k: Optional[int] = None
@@ -200,11 +203,12 @@ def distributed_sum():
 
 def sample_rollout(policy, prompts: list, tokenizer, *, max_new_tokens: int, temperature: float,
                    top_k: int | None = None, top_p: float | None = None,
-                   generator: torch.Generator | None = None) -> Rollout:
+                   generator: torch.Generator | None = None, static_cache: bool = False) -> Rollout:
     """Sample one response per prompt (batched, left-padded, KV cache), trimmed to the longest
     response, with everything after each row's first EOS masked."""
     out = generate(policy, [p.ids for p in prompts], max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
-                   pad_id=tokenizer.pad_id, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+                   pad_id=tokenizer.pad_id, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                   static_cache=static_cache)
     P = out.prompt_len
     resp = out.sequences[:, P:]
     mask = out.response_mask & mask_after_eos(resp, tokenizer.eos_id)
@@ -359,7 +363,8 @@ class RLStageModule(StageModule):
         t0 = time.perf_counter()
         with gathered_for_generation(self.model):
             ro = sample_rollout(self.model, rows, self.tokenizer, max_new_tokens=algo.max_new_tokens,
-                                temperature=algo.temperature, top_k=algo.top_k, top_p=algo.top_p, generator=gen)
+                                temperature=algo.temperature, top_k=algo.top_k, top_p=algo.top_p, generator=gen,
+                                static_cache=algo.static_cache)
         self._sync()
         t1 = time.perf_counter()
         self.score_rollout(ro)

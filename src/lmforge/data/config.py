@@ -35,6 +35,9 @@ class DataConfig:
     # DataLoader worker processes (0 = load in the training process; the token files are
     # memory-mapped, so a worker rarely pays off on a CPU).
     num_workers: int = 0
+    # Page-locked host batches, so the (non-blocking) copy to the GPU overlaps compute.
+    # null: on when a GPU is present. Pinning needs an accelerator.
+    pin_memory: Optional[bool] = None
     # Tokenization parallelism when building the token files.
     preprocess_workers: int = 2
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -106,3 +109,11 @@ DATA_SCHEMAS = {
     "hh": HHDataConfig,
     "feedback": FeedbackDataConfig,
 }
+
+
+def use_pinned_memory(cfg) -> bool:
+    """data.pin_memory resolved: null means "when a GPU is present"."""
+    import torch
+
+    value = getattr(cfg, "pin_memory", None)
+    return torch.cuda.is_available() if value is None else bool(value)

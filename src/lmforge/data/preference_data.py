@@ -33,6 +33,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from lmforge.data.config import use_pinned_memory
 from lmforge.data.errors import DataError
 from lmforge.data.templates import BadRecords, encode_pair, render_prompt
 from lmforge.data.tokenizer import Tokenizer
@@ -472,6 +473,7 @@ class PreferenceDataModule(L.LightningDataModule):
             ds,
             batch_size=None,  # the stream yields whole batches
             num_workers=self.cfg.num_workers,
+            pin_memory=use_pinned_memory(self.cfg),
             persistent_workers=self.cfg.num_workers > 0,
         )
 

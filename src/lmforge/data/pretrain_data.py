@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from lmforge.data.config import DataConfig
+from lmforge.data.config import DataConfig, use_pinned_memory
 from lmforge.data.errors import DataError
 from lmforge.data.sources import (
     Document,
@@ -197,7 +197,7 @@ class PretrainDataModule(L.LightningDataModule):
             ds,
             batch_size=self.batching.batch_size,
             num_workers=self.cfg.num_workers,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=use_pinned_memory(self.cfg),
             persistent_workers=self.cfg.num_workers > 0,
         )
 

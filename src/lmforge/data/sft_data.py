@@ -50,6 +50,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from lmforge.data.config import use_pinned_memory
 from lmforge.data.errors import DataError
 from lmforge.data.templates import BadRecords, encode_pair, render_prompt
 from lmforge.data.tokenizer import Tokenizer
@@ -397,7 +398,7 @@ class SFTDataModule(L.LightningDataModule):
         ds = TrainBatches(self.train_examples, b.batch_size, b.packing, b.seed, self.tokenizer.pad_id, start,
                           trainer.global_rank, trainer.world_size, b.bucket_size)
         return DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers,
-                          pin_memory=torch.cuda.is_available(), persistent_workers=self.cfg.num_workers > 0)
+                          pin_memory=use_pinned_memory(self.cfg), persistent_workers=self.cfg.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         b = self.batching

@@ -116,11 +116,13 @@ def generate(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    static_cache: bool = False,
     on_tokens: Callable[[Tensor], None] | None = None,
 ) -> GenerationOutput:
     """Continue each prompt by up to max_new_tokens tokens; a row stops after its first EOS.
 
     use_cache=False re-runs the whole context every step (benchmarks, and to check the cache).
+    static_cache=True gives every decode step the same shapes (see KVCache), for torch.compile.
     on_tokens receives the (B,) tokens of every step (pad_id for finished rows), for streaming.
     The model runs in eval mode and gets its previous mode back.
     """
@@ -131,7 +133,9 @@ def generate(
     tokens, mask = _left_pad(prompts, pad_id, total)
     sequences, attention_mask = tokens.to(param.device), mask.to(param.device)
     B = len(prompts)
-    kv_cache = KVCache.allocate(model.cfg, B, total, param.device, param.dtype) if use_cache else None
+    kv_cache = None
+    if use_cache:
+        kv_cache = KVCache.allocate(model.cfg, B, total, param.device, param.dtype, static=static_cache)
     finished = torch.zeros(B, dtype=torch.bool, device=param.device)
 
     was_training = model.training
@@ -141,7 +145,7 @@ def generate(
             first_new = kv_cache.length if use_cache else 0  # the cache already holds [0, first_new)
             logits = model(
                 sequences[:, first_new:t],
-                attention_mask=attention_mask[:, :t],
+                attention_mask=attention_mask if use_cache and static_cache else attention_mask[:, :t],
                 kv_cache=kv_cache,
                 last_only=True,
             )

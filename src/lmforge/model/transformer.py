@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 class ModelConfigError(ValueError):
@@ -36,6 +37,7 @@ class ModelConfigError(ValueError):
 
 
 _CHOICES = {
+    "attention": ("auto", "sdpa", "flash", "eager"),
     "norm": ("rmsnorm", "layernorm"),
     "pos": ("rope", "learned"),
     "activation": ("swiglu", "gelu"),
@@ -81,6 +83,14 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0  # llama3 only
     rope_high_freq_factor: float = 4.0  # llama3 only
     rope_original_max_seq_len: int = 8192  # llama3 only: the context the model was pretrained at
+    # How attention is computed (the math is the same; see CausalSelfAttention):
+    #   auto:  SDPA, whose dispatcher picks flash / memory-efficient kernels on CUDA and the
+    #          fused flash-style kernel on CPU;
+    #   sdpa:  the same call (named for configs that want to say so);
+    #   flash: SDPA restricted to the flash kernel (CUDA, bf16/fp16): fails loudly where it cannot run;
+    #   eager: softmax(q k^T / sqrt(D)) v written out, materializing the (T, S) scores.
+    # Not part of the checkpoint's shape: a model trained with one loads with any other.
+    attention: str = "auto"
 
     @property
     def head_dim(self) -> int:
@@ -248,11 +258,17 @@ class KVCache:
     """Keys and values of the tokens already processed, for every layer, so decoding a token
     costs one position instead of the whole prefix. Preallocated (B, Hkv, max_len, D) per layer;
     columns [0, length) are filled. `length` is one int for the whole batch: batched generation
-    left-pads, so all rows advance in lockstep."""
+    left-pads, so all rows advance in lockstep.
 
-    def __init__(self, k: list[Tensor], v: list[Tensor]):
+    static=True: attention always reads all max_len columns (the unfilled ones are in every
+    query's future, so the causal mask hides them) and writes go through index_copy_. Every
+    decode step then has the same shapes, which torch.compile and CUDA graphs need to reuse one
+    compiled step; the price is attending over max_len keys instead of length."""
+
+    def __init__(self, k: list[Tensor], v: list[Tensor], static: bool = False):
         self.k, self.v = k, v
         self.length = 0
+        self.static = static
 
     @classmethod
     def allocate(
@@ -262,13 +278,14 @@ class KVCache:
         max_len: int,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        static: bool = False,
     ) -> KVCache:
         shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
 
         def buffers():
             return [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
 
-        return cls(buffers(), buffers())
+        return cls(buffers(), buffers(), static)
 
     @property
     def batch_size(self) -> int:
@@ -281,8 +298,13 @@ class KVCache:
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v (B, Hkv, T, D) at columns [length, length + T) of `layer` and return all
         of its filled columns (B, Hkv, length + T, D). Transformer.forward advances `length`
-        once every layer has written."""
+        once every layer has written. A static cache returns all max_len columns."""
         end = self.length + k.shape[2]
+        if self.static:
+            columns = torch.arange(self.length, end, device=k.device)
+            self.k[layer].index_copy_(2, columns, k)
+            self.v[layer].index_copy_(2, columns, v)
+            return self.k[layer], self.v[layer]
         self.k[layer][:, :, self.length : end] = k
         self.v[layer][:, :, self.length : end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
@@ -291,11 +313,14 @@ class KVCache:
 # ----------------------------------------------------------------------------- attention
 
 
-def build_attention_mask(attention_mask: Tensor | None, T: int, S: int, device: torch.device) -> Tensor:
-    """(B or 1, 1, T, S) bool for SDPA, True = may attend: the key is not in the future and is a
-    real token. The T queries are the last T of the S columns."""
+def build_attention_mask(
+    attention_mask: Tensor | None, T: int, S: int, device: torch.device, key_len: int | None = None
+) -> Tensor:
+    """(B or 1, 1, T, key_len) bool for SDPA, True = may attend: the key is not in the future and
+    is a real token. The T queries are columns S-T .. S-1; key_len (default S) may be larger
+    (a static KV cache), the columns past S being in every query's future."""
     query_col = torch.arange(S - T, S, device=device)[:, None]  # (T, 1)
-    key_col = torch.arange(S, device=device)[None, :]  # (1, S)
+    key_col = torch.arange(S if key_len is None else key_len, device=device)[None, :]  # (1, key_len)
     allowed = (key_col <= query_col)[None, None]
     if attention_mask is not None:
         allowed = allowed & attention_mask.bool()[:, None, None, :]
@@ -305,11 +330,26 @@ def build_attention_mask(attention_mask: Tensor | None, T: int, S: int, device: 
     return allowed | (key_col == query_col)[None, None]
 
 
+def eager_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float) -> Tensor:
+    """softmax(q k^T / sqrt(D)) v with q (B, H, T, D), k/v (B, H, S, D): what SDPA computes,
+    written out. mask (B or 1, 1, T, S) bool, True = may attend; None = causal over the last T
+    of the S columns."""
+    T, S = q.shape[-2], k.shape[-2]
+    # Dividing by sqrt(D) keeps the scores' variance ~1 whatever the head size, so the softmax
+    # does not saturate as D grows (Attention Is All You Need, 3.2.1).
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, T, S)
+    if mask is None:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    weights = F.dropout(scores.softmax(dim=-1), p=dropout, training=dropout > 0)
+    return weights @ v
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.dropout = cfg.dropout
+        self.dropout, self.impl = cfg.dropout, cfg.attention
         # One matmul for all three: H query heads, then Hkv key heads, then Hkv value heads.
         self.qkv = nn.Linear(
             cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias or cfg.qkv_bias
@@ -341,16 +381,15 @@ class CausalSelfAttention(nn.Module):
             # accepted by every backend).
             k = k.repeat_interleave(H // Hkv, dim=1)
             v = v.repeat_interleave(H // Hkv, dim=1)
-        # SDPA scales scores by 1/sqrt(D) so their variance stays ~1 whatever the head size.
-        # No mask means a plain causal batch: is_causal picks the fused (flash) kernels.
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=mask is None,
-        )
+        dropout = self.dropout if self.training else 0.0
+        if self.impl == "eager":
+            y = eager_attention(q, k, v, mask, dropout)
+        elif self.impl == "flash":
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
+        else:
+            # No mask means a plain causal batch: is_causal lets SDPA pick its fused (flash) kernels.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # heads side by side again
         return self.resid_drop(self.out_proj(y))
 
@@ -446,7 +485,8 @@ class Transformer(nn.Module):
     ) -> Tensor:
         """idx (B, T) token ids -> hidden states (B, T, d_model).
 
-        attention_mask: (B, S) 1 = real, 0 = pad, S = kv_cache.length + T (None: all real).
+        attention_mask: (B, S) 1 = real, 0 = pad, S = kv_cache.length + T (None: all real);
+            (B, kv_cache.max_len) with a static cache.
         positions: (B, T) position ids; by default counted from each row's first real token.
         kv_cache: keys/values of earlier tokens; this call appends T columns to it.
         """
@@ -455,7 +495,8 @@ class Transformer(nn.Module):
         B, T = idx.shape
         past = 0 if kv_cache is None else kv_cache.length
         S = past + T
-        self._check_inputs(B, S, attention_mask, kv_cache)
+        key_len = kv_cache.max_len if kv_cache is not None and kv_cache.static else S
+        self._check_inputs(B, S, key_len, attention_mask, kv_cache)
         if positions is None:
             positions = self._positions(B, T, S, attention_mask, idx.device)
         else:
@@ -468,7 +509,7 @@ class Transformer(nn.Module):
         rope = self.rope(positions) if self.rope is not None else None
         mask = None
         if attention_mask is not None or kv_cache is not None:
-            mask = build_attention_mask(attention_mask, T, S, idx.device)
+            mask = build_attention_mask(attention_mask, T, S, idx.device, key_len)
         for layer, block in enumerate(self.blocks):
             x = block(x, rope, mask, kv_cache, layer)
         if kv_cache is not None:
@@ -480,19 +521,22 @@ class Transformer(nn.Module):
             return torch.arange(S - T, S, device=device).expand(B, T)
         # Count real tokens: each row's first real token is position 0, whatever padding
         # precedes it; a pad repeats its neighbour's position (clamped at 0 before the first).
-        return (attention_mask.long().cumsum(1) - 1).clamp(min=0)[:, S - T :]
+        return (attention_mask.long().cumsum(1) - 1).clamp(min=0)[:, S - T : S]
 
-    def _check_inputs(self, B: int, S: int, attention_mask: Tensor | None, kv_cache: KVCache | None) -> None:
+    def _check_inputs(
+        self, B: int, S: int, key_len: int, attention_mask: Tensor | None, kv_cache: KVCache | None
+    ) -> None:
         cfg = self.cfg
         if S > cfg.max_seq_len:
             raise ValueError(
                 f"{S} tokens (cached + new) exceed model.max_seq_len={cfg.max_seq_len}: "
                 "truncate the input or train a model with a longer max_seq_len"
             )
-        if attention_mask is not None and tuple(attention_mask.shape) != (B, S):
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, key_len):
             raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S)}: "
-                "one column per cached token plus one per new token"
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, key_len)}: "
+                + ("one column per column of the static KV cache" if key_len != S
+                   else "one column per cached token plus one per new token")
             )
         if kv_cache is not None and (kv_cache.batch_size != B or S > kv_cache.max_len):
             raise ValueError(
