@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="nano")
     p.add_argument("--batches", default="1,4,16,64")
-    p.add_argument("--recompute-batches", default="1,16")
+    p.add_argument("--recompute-batches", default="16")
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES))

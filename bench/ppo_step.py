@@ -1,6 +1,6 @@
 """One PPO iteration's wall time, split into generation, scoring and updates, printed as JSON.
 
-    python bench/ppo_step.py                          # algo=ppo defaults, model=tiny, 5 iterations
+    python bench/ppo_step.py                          # algo=ppo defaults, model=tiny, 3 iterations
     python bench/ppo_step.py --iterations 8 -- algo.rollout_batch_size=128 algo.max_new_tokens=32
 
 It runs the real stage through train.py (nothing is re-implemented here): first a one-step
@@ -43,16 +43,17 @@ def train(*overrides: str) -> None:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny")
-    p.add_argument("--iterations", type=int, default=5)
+    p.add_argument("--iterations", type=int, default=3)
     p.add_argument("--out", default=None, help="keep the runs here (default: a temporary folder)")
     p.add_argument("overrides", nargs="*", help="extra overrides for the PPO run (after --)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out or tmp)
         common = [f"model={args.model}", "trainer.eval_every=1000", "trainer.check_disk_space=false"]
-        train("algo=pretrain", *common, "logger=none", "trainer.max_steps=1", f"hydra.run.dir={out}/pretrain")
+        quick = ["logger=none", "trainer.max_steps=1", "algo.val_batches=1"]  # only their checkpoints matter
+        train("algo=pretrain", *common, *quick, "algo.n_samples=0", f"hydra.run.dir={out}/pretrain")
         policy = out / "pretrain/checkpoints/last.ckpt"
-        train("algo=reward", *common, "logger=none", "trainer.max_steps=1", f"init_from={policy}",
+        train("algo=reward", *common, *quick, f"init_from={policy}",
               f"hydra.run.dir={out}/reward")
         train("algo=ppo", *common, "logger=csv", "trainer.log_every=1", f"trainer.max_steps={args.iterations}",
               f"init_from={policy}", f"algo.reward.model={out}/reward/checkpoints/last.ckpt",

@@ -7,8 +7,9 @@ MFU = achieved model FLOP/s / the dense-matmul peak of the same dtype measured i
 (bench/common.py), so the ratio means the same on any machine. Model FLOPs per token are
 Transformer.flops_per_token (6 N + 12 L d T, PaLM appendix B).
 
-The step is what PretrainModule.training_step does, minus Lightning's bookkeeping: logits,
-cross-entropy in fp32, backward, gradient clipping, AdamW (`--optim-impl`), zero_grad.
+The step is what PretrainModule.training_step does, minus Lightning's bookkeeping: the LM loss
+(fp32 cross-entropy; chunked with --loss-chunks N), backward, gradient clipping, AdamW
+(--optim-impls), zero_grad. Comma lists of variants are timed round-robin in one run.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
@@ -40,15 +40,15 @@ from lmforge.model import CausalLM
 from lmforge.optim import OptimConfig, build_adamw
 
 
-def make_step(model: CausalLM, opt, batch: torch.Tensor, dtype: torch.dtype, device: torch.device):
+def make_step(model: CausalLM, opt, batch: torch.Tensor, dtype: torch.dtype, device: torch.device,
+              loss_chunk: int = 0):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
     params = [p for p in model.parameters() if p.requires_grad]
+    targets = batch[:, 1:]
 
     def step() -> None:
-        with autocast:
-            logits = model(batch[:, :-1])
-        # Cross-entropy in fp32: the log-softmax over the vocabulary is where bf16 loses most.
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+        with autocast:  # the loss is summed in fp32 whatever the autocast dtype
+            loss = model(batch[:, :-1], targets=targets, loss_chunk=loss_chunk) / targets.numel()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         opt.step()
@@ -75,9 +75,9 @@ class Variant:
     """One (model, dtype, compile) configuration, built and warmed up, ready to time step by step."""
 
     def __init__(self, args, name: str, dtype_name: str, compiled: bool, optim_impl: str, attention: str,
-                 device: torch.device):
+                 loss_chunk: int, device: torch.device):
         self.name, self.dtype_name, self.compiled = name, dtype_name, compiled
-        self.optim_impl, self.attention = optim_impl, attention
+        self.optim_impl, self.attention, self.loss_chunk = optim_impl, attention, loss_chunk
         cfg = replace(model_config(name, args.seq), attention=attention)
         torch.manual_seed(0)
         self.model = CausalLM(cfg).to(device)
@@ -85,7 +85,7 @@ class Variant:
         batch = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device=device)
         if compiled:
             self.model.compile()
-        self.step = make_step(self.model, opt, batch, DTYPES[dtype_name], device)
+        self.step = make_step(self.model, opt, batch, DTYPES[dtype_name], device, loss_chunk)
         t = time.perf_counter()
         self.step()  # compiled: the first call compiles forward and backward; counted apart
         self.first_step_s = time.perf_counter() - t
@@ -104,6 +104,7 @@ class Variant:
             "compile": self.compiled,
             "optim_impl": self.optim_impl,
             "attention": self.attention,
+            "loss_chunk": self.loss_chunk,
             "batch": args.batch,
             "seq": args.seq,
             "step_median_s": round(stats["median_s"], 4),
@@ -129,6 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--optim-impls", default="auto", help="comma list of auto, fused, foreach, loop")
     p.add_argument("--attentions", default="auto", help="comma list of auto, sdpa, flash, eager")
+    p.add_argument("--loss-chunks", default="0", help="comma list of algo.loss_chunk values (0 = full logits)")
     p.add_argument("--device", default="auto")
     p.add_argument("--profile", action="store_true", help="add the top ops of 3 profiled steps")
     args = p.parse_args(argv)
@@ -144,9 +146,10 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             peak = matmul_peak(device, DTYPES["bf16"], [256])
             out["skipped"].append({"dtype": "bf16", "why": why, "bf16_matmul_gflops": peak["by_size"]})
-    variants = [Variant(args, name, d, c, o, a, device)
+    variants = [Variant(args, name, d, c, o, a, int(lc), device)
                 for d in dtypes for name in args.models.split(",") for c in compile_modes
-                for o in args.optim_impls.split(",") for a in args.attentions.split(",")]
+                for o in args.optim_impls.split(",") for a in args.attentions.split(",")
+                for lc in args.loss_chunks.split(",")]
     # Round-robin: one step of every variant, then one peak sample per dtype, `steps` times, so
     # a machine whose speed drifts (turbo, neighbours) slows every figure alike.
     peaks: dict[str, list[float]] = {d: [] for d in dtypes}

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from omegaconf import open_dict
 
 from lmforge.algos.sft import SFTConfig, SFTModule, build, sft_loss_terms
+from lmforge.model.lm_loss import lm_loss_sum
 from lmforge.checkpoint import CheckpointError, load_checkpoint
 from lmforge.data.sft_data import IGNORE_INDEX, Pair, collate, encode_pairs, plan_epoch
 from lmforge.data.synthetic import SyntheticWorld
@@ -56,19 +57,23 @@ def model(seed=0) -> CausalLM:
 
 
 class FixedLogits(torch.nn.Module):
+    """A CausalLM whose final hidden states are `logits` and whose head is the identity, so
+    sft_loss_terms reaches the real loss code (plain or chunked) with logits the test chooses."""
+
     def __init__(self, logits):
         super().__init__()
         self.logits = torch.nn.Parameter(logits)
 
-    def forward(self, idx):
-        return self.logits
+    def forward(self, idx, targets, loss_chunk):
+        return lm_loss_sum(self.logits, torch.eye(self.logits.shape[-1]), targets, loss_chunk)
 
 
-def test_loss_is_the_mean_over_response_tokens_only(tok, examples):
+@pytest.mark.parametrize("loss_chunk", [0, 5])
+def test_loss_is_the_mean_over_response_tokens_only(tok, examples, loss_chunk):
     batch = collate(examples[:6], tok.pad_id)
     logits = torch.randn(*batch["input_ids"].shape, SMALL.vocab_size)
     fake = FixedLogits(logits.clone())
-    total, count = sft_loss_terms(fake, batch)
+    total, count = sft_loss_terms(fake, batch, loss_chunk)
     # By hand: -log softmax at the target of every response position, nothing else.
     hand, n = 0.0, 0
     for row, ex in enumerate(examples[:6]):
@@ -83,16 +88,17 @@ def test_loss_is_the_mean_over_response_tokens_only(tok, examples):
     assert torch.equal(grad_rows, batch["labels"] != IGNORE_INDEX)
 
 
-def test_prompt_targets_and_padding_do_not_change_the_loss(tok, examples):
+@pytest.mark.parametrize("loss_chunk", [0, 5])
+def test_prompt_targets_and_padding_do_not_change_the_loss(tok, examples, loss_chunk):
     batch = collate(examples[:6], tok.pad_id)
     logits = torch.randn(*batch["input_ids"].shape, SMALL.vocab_size)
-    base = sft_loss_terms(FixedLogits(logits), batch)[0]
+    base = sft_loss_terms(FixedLogits(logits), batch, loss_chunk)[0]
     ignored = batch["labels"] == IGNORE_INDEX
     noisy = logits + 5 * torch.randn_like(logits) * ignored[..., None]
-    assert torch.allclose(sft_loss_terms(FixedLogits(noisy), batch)[0], base)
+    assert torch.allclose(sft_loss_terms(FixedLogits(noisy), batch, loss_chunk)[0], base)
     # ... whereas the same noise on response positions does change it (the test can fail).
     noisy = logits + 5 * torch.randn_like(logits) * (~ignored)[..., None]
-    assert not torch.allclose(sft_loss_terms(FixedLogits(noisy), batch)[0], base)
+    assert not torch.allclose(sft_loss_terms(FixedLogits(noisy), batch, loss_chunk)[0], base)
     # A real model: whatever sits in the (right) padding cannot reach a real position.
     m = model()
     b2 = {k: v.clone() for k, v in batch.items()}

@@ -190,3 +190,44 @@ def test_compiled_model_matches_eager_and_fills_the_cache_dir(monkeypatch, tmp_p
         torch.testing.assert_close(grads[name], g, rtol=1e-3, atol=1e-4, msg=name)
     assert any(p.is_file() for p in Path(tmp_path / "inductor").rglob("*")), "nothing cached"
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_chunked_lm_loss_matches_the_full_logits_loss_and_gradients(chunk, autocast):
+    from lmforge.model.lm_loss import IGNORE_INDEX
+
+    idx = torch.randint(0, 61, (3, 21))
+    targets = torch.randint(0, 61, (3, 21))
+    targets[0, :5] = IGNORE_INDEX  # e.g. SFT's prompt positions
+    results = []
+    for loss_chunk in (0, chunk):
+        model = lm()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            total = model(idx, targets=targets, loss_chunk=loss_chunk)
+        total.backward()
+        results.append((total.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (plain, plain_grads), (chunked, grads) = results
+    assert plain.dtype == chunked.dtype == torch.float32
+    tol = dict(rtol=2e-2, atol=1e-2) if autocast else dict(rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(chunked, plain, **tol)
+    for name, g in plain_grads.items():
+        scale = float(g.abs().max())
+        torch.testing.assert_close(grads[name], g, rtol=tol["rtol"], atol=tol["atol"] * scale, msg=name)
+    # Without gradients (validation) the chunked path computes the loss alone, the same value.
+    with torch.no_grad():
+        assert torch.allclose(lm().forward(idx, targets=targets, loss_chunk=chunk), plain, rtol=1e-5) or autocast
+
+
+def test_ignored_targets_carry_no_loss_and_no_gradient():
+    from lmforge.model.lm_loss import IGNORE_INDEX, chunked_cross_entropy_sum
+
+    hidden = torch.randn(6, 8, requires_grad=True)
+    weight = torch.randn(11, 8, requires_grad=True)
+    targets = torch.tensor([3, IGNORE_INDEX, 5, IGNORE_INDEX, 0, 10])
+    total = chunked_cross_entropy_sum(hidden, weight, targets, chunk=4)
+    total.backward()
+    real = targets != IGNORE_INDEX
+    hand = -torch.log_softmax(hidden.detach() @ weight.detach().T, -1)[real].gather(1, targets[real, None]).sum()
+    torch.testing.assert_close(total.detach(), hand)
+    assert (hidden.grad[~real] == 0).all() and (hidden.grad[real] != 0).any()

@@ -11,7 +11,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from lmforge.algos.base import StageModule, check_vocab
 from lmforge.optim import OptimConfig
@@ -24,6 +23,11 @@ class PretrainConfig:
     seq_len: int = 128
     optim: OptimConfig = field(default_factory=OptimConfig)
     val_batches: int = 20  # validation windows = val_batches * batch_size
+    # Rows of logits per chunk of a chunked LM-head + cross-entropy (model/lm_loss.py) that never
+    # holds the (tokens, vocab) logits: same loss, O(chunk x vocab) memory -- for large vocabularies
+    # (GPT-2's 50k: 400 MB less per 2k tokens). 0 = plain cross-entropy on the full logits, as
+    # fast or faster on a CPU at vocab 2-4k (bench/README.md).
+    loss_chunk: int = 0
     # Text samples generated at each validation from the data's sample prompts.
     n_samples: int = 3
     sample_tokens: int = 48
@@ -43,9 +47,8 @@ class PretrainModule(StageModule):
 
     def lm_loss(self, batch) -> torch.Tensor:
         x, y = batch
-        logits = self.model(x)
-        # Cross-entropy in fp32: under bf16 autocast the logits' log-softmax loses precision.
-        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        # Summed in fp32 (under bf16 autocast the logits' log-softmax loses precision), then averaged.
+        return self.model(x, targets=y, loss_chunk=self.cfg.algo.loss_chunk) / y.numel()
 
     def training_step(self, batch, batch_idx):
         loss = self.lm_loss(batch)

@@ -18,7 +18,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from lmforge.algos.base import StageModule, check_vocab, model_config
 from lmforge.optim import OptimConfig
@@ -34,6 +33,7 @@ class SFTConfig:
     seq_len: int = 128
     optim: OptimConfig = field(default_factory=OptimConfig)
     val_batches: int = 8  # validation examples = val_batches * batch_size
+    loss_chunk: int = 0  # chunked LM-head + cross-entropy, rows per chunk (0 = plain; see algo=pretrain)
     # Text samples generated at each validation from validation prompts.
     n_samples: int = 3
     sample_tokens: int = 32
@@ -49,18 +49,16 @@ class SFTConfig:
     eval_at_start: bool = True  # also evaluate the initial model (logged at step 0)
 
 
-def sft_loss_terms(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def sft_loss_terms(model, batch: dict, loss_chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of the response tokens' cross-entropy, number of response tokens) of a batch.
 
     No attention mask is passed: batches are RIGHT-padded, so causal attention already keeps
     every real token from seeing a pad, and positions 0..T-1 are each example's own."""
     from lmforge.data.sft_data import IGNORE_INDEX
 
-    logits = model(batch["input_ids"])
     labels = batch["labels"]
-    # Cross-entropy in fp32: under bf16 autocast the logits' log-softmax loses precision.
-    total = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                            reduction="sum")
+    # Summed in fp32: under bf16 autocast the logits' log-softmax loses precision.
+    total = model(batch["input_ids"], targets=labels, loss_chunk=loss_chunk)
     return total, (labels != IGNORE_INDEX).sum()
 
 
@@ -78,7 +76,7 @@ class SFTModule(StageModule):
         return self.model(idx)
 
     def training_step(self, batch, batch_idx):
-        total, count = sft_loss_terms(self.model, batch)
+        total, count = sft_loss_terms(self.model, batch, self.cfg.algo.loss_chunk)
         loss = total / count.clamp(min=1)
         mask = batch["attention_mask"]
         real = int(mask.sum())
@@ -94,7 +92,7 @@ class SFTModule(StageModule):
         self._val_count = torch.zeros((), device=self.device, dtype=torch.float64)
 
     def validation_step(self, batch, batch_idx):
-        total, count = sft_loss_terms(self.model, batch)
+        total, count = sft_loss_terms(self.model, batch, self.cfg.algo.loss_chunk)
         self._val_sum += total.detach().double()
         self._val_count += count.double()
 

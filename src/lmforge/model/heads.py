@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from lmforge.model.lm_loss import lm_loss_sum
 from lmforge.model.transformer import ModelConfig, Transformer
 
 
@@ -35,7 +36,8 @@ class CausalLM(nn.Module):
         return self.backbone.wte.weight if self.lm_head is None else self.lm_head.weight
 
     def forward(self, idx: Tensor, *, last_only: bool = False, columns: slice | None = None,
-                return_hidden: bool = False, **backbone_kwargs) -> Tensor | tuple[Tensor, Tensor]:
+                return_hidden: bool = False, targets: Tensor | None = None, loss_chunk: int = 256,
+                **backbone_kwargs) -> Tensor | tuple[Tensor, Tensor]:
         """idx (B, T) -> logits (B, T, vocab_size) in the compute dtype.
 
         last_only: logits of the last position only, (B, 1, vocab_size) -- generation needs
@@ -44,8 +46,13 @@ class CausalLM(nn.Module):
         return_hidden: also the hidden states the logits came from, (logits, hidden) -- for a value
         head on the policy. Callers go through this forward, never `backbone` directly: under FSDP
         the root module's hooks gather the embedding and the head.
+        targets: (B, T) next-token ids (IGNORE_INDEX = -100 where no loss): instead of logits,
+        return the summed fp32 cross-entropy over the real targets, computed `loss_chunk` rows at
+        a time without materializing the logits (lm_loss.py; loss_chunk=0: the plain path).
         backbone_kwargs: attention_mask, positions, kv_cache (see Transformer.forward)."""
         hidden = self.backbone(idx, **backbone_kwargs)
+        if targets is not None:
+            return lm_loss_sum(hidden, self.lm_head_weight, targets, loss_chunk)
         if last_only:
             hidden = hidden[:, -1:]
         elif columns is not None:
