@@ -66,7 +66,7 @@ def test_attention_implementations_agree_forward_and_backward(impl, padded):
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-5)
     for name, g in ref_grads.items():
         # Summation order differs: compare to the gradient's scale (these weights are x8, grads ~40).
-        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-5 * float(g.abs().max()), msg=name)
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-4 * float(g.abs().max()), msg=name)
 
 
 def test_eager_attention_with_the_kv_cache_matches_sdpa():
@@ -138,6 +138,16 @@ def test_adamw_implementations_take_the_same_steps(impl):
     assert not torch.allclose(models[impl].backbone.wte.weight, start)  # they did train
 
 
+def test_measuring_the_matmul_peak_leaves_the_global_rng_alone():
+    from lmforge.perf import measure_matmul_peak
+
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    measure_matmul_peak(torch.device("cpu"), torch.float32, n=64, iters=1)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_auto_precision_picks_bf16_on_a_cpu_only_where_it_is_native(monkeypatch):
     import lmforge.trainer as trainer_mod
     from lmforge.trainer import TrainerConfig, resolve_precision
@@ -187,7 +197,7 @@ def test_compiled_model_matches_eager_and_fills_the_cache_dir(monkeypatch, tmp_p
     logits, loss, grads = loss_and_grads(compiled, idx, mask)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
     for name, g in ref_grads.items():
-        torch.testing.assert_close(grads[name], g, rtol=1e-3, atol=1e-4, msg=name)
+        torch.testing.assert_close(grads[name], g, rtol=1e-3, atol=1e-4 * float(g.abs().max()), msg=name)
     assert any(p.is_file() for p in Path(tmp_path / "inductor").rglob("*")), "nothing cached"
     torch._dynamo.reset()
 
