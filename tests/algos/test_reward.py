@@ -162,6 +162,7 @@ def test_short_run_stores_reward_stats_from_the_final_step_in_last_ckpt(tmp_path
     assert stats["mean"] == pytest.approx(float(r.mean()), abs=1e-4)
     assert stats["std"] == pytest.approx(float(r.std(unbiased=False)), abs=1e-4)
     assert 0.0 <= result["metrics"]["val/judge_agreement"] <= 1.0
+    assert 0.0 <= result["metrics"]["val/judge_agreement_seen"] <= 1.0
     assert {"val/loss", "val/accuracy", "val/margin", "val/reward_mean", "val/reward_std"} <= set(result["metrics"])
 
 
@@ -187,5 +188,41 @@ def test_pretrain_then_reward_end_to_end(tmp_path, shared_cache):
     assert set(ckpt.meta["reward_stats"]) == {"mean", "std", "n"}
     assert ckpt.tokenizer.proto() == load_checkpoint(pre).tokenizer.proto()
     header = (tmp_path / "rm" / "csv" / "metrics.csv").read_text().splitlines()[0]
-    for key in ("train/loss", "train/accuracy", "val/accuracy", "val/judge_agreement", "data/train_pairs"):
+    for key in ("train/loss", "train/accuracy", "val/accuracy", "val/judge_agreement", "val/judge_agreement_seen",
+                "data/train_pairs"):
         assert key in header
+
+
+def test_judge_agreement_counts_the_pairs_the_judge_orders_the_same_way(tmp_path, tok):
+    from lmforge.data.preference_data import PreferencePair, encode_preferences
+    from lmforge.data.templates import BadRecords
+
+    module = make_module(tmp_path, tok)
+    # Rewards by response text: the judge's verdicts below agree with them on 3 of 4 pairs,
+    # and the pair with a tie in the judge's scores is left out.
+    reward_of = {" 4": 2.0, " 5": -1.0, " IV": 0.5, " four": 1.0, " 9": 0.0}
+    pairs = [
+        PreferencePair("What is 2 + 2?", " 4", " 5", "t:0", kind="add", chosen_score=1.0, rejected_score=0.2),
+        PreferencePair("What is 2 + 2?", " 5", " 4", "t:1", kind="add", chosen_score=0.2, rejected_score=1.0),
+        PreferencePair("What is 2 + 2?", " IV", " four", "t:2", kind="add", chosen_score=0.6, rejected_score=0.4),
+        PreferencePair("What is 2 + 2?", " 4", " 9", "t:3", kind="mul", chosen_score=1.0, rejected_score=0.0),
+        PreferencePair("What is 2 + 2?", " 5", " 9", "t:4", kind="mul", chosen_score=0.3, rejected_score=0.3),
+    ]
+    encoded, _, _ = encode_preferences(tok, pairs, 32, BadRecords("error"), "judge pairs")
+    module.set_judge_pairs(encoded, pairs, batch_size=2, name="seen")
+    module.set_judge_pairs(encoded, pairs, batch_size=3)
+    assert len(module.judge_sets["seen"].sign) == 4  # the tie is dropped
+
+    lookup = {tuple(e.chosen): reward_of[p.chosen] for e, p in zip(encoded, pairs)}
+    lookup |= {tuple(e.rejected): reward_of[p.rejected] for e, p in zip(encoded, pairs)}
+
+    def fake_forward(input_ids, attention_mask):
+        return torch.tensor([lookup[tuple(row[m].tolist())] for row, m in zip(input_ids, attention_mask.bool())])
+
+    module.forward = fake_forward
+    logged = {}
+    module.log = lambda key, value, **kw: logged.__setitem__(key, float(value))
+    module.log_judge_agreement("seen")
+    module.log_judge_agreement()
+    assert logged == {"val/judge_agreement_seen": 0.75, "val/judge_agreement": 0.75,
+                      "val/judge_agreement_add": pytest.approx(2 / 3), "val/judge_agreement_mul": 1.0}

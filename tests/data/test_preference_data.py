@@ -253,4 +253,23 @@ def test_synthetic_splits_hold_held_out_judge_pairs(tok):
     assert splits.counts == {"train_pairs": 30, "val_pairs": 8, "truncated_pairs": 0, "skipped_records": 0}
     assert len(splits.judge) == len(splits.judge_pairs) == 12
     assert all(p.origin.startswith("synthetic:test:") for p in splits.judge_pairs)
+    assert len(splits.judge_seen) == len(splits.judge_seen_pairs) == 12
+    assert all(p.origin.startswith("synthetic:train+") for p in splits.judge_seen_pairs)
     assert torch.tensor([len(p.chosen) for p in splits.train]).max() <= 64
+
+
+def test_unseen_pairs_are_new_pairs_of_training_prompts():
+    from lmforge.data.preference_data import unseen_pairs
+    from lmforge.data.synthetic import split_of, strip_prompt_template
+
+    cfg = SimpleNamespace(seed=0, prompt_template="User: {prompt}\nAssistant:", response_prefix=" ")
+    trained = synthetic_pairs(cfg, 3000, "train", 0.0)
+    keys = {(p.prompt, frozenset((p.chosen, p.rejected))) for p in trained}
+    fresh = unseen_pairs(cfg, 200, trained)
+    assert len(fresh) == 200
+    assert all((p.prompt, frozenset((p.chosen, p.rejected))) not in keys for p in fresh)
+    assert all(split_of(strip_prompt_template(p.prompt)) == "train" for p in fresh)
+    assert all(p.chosen_score > p.rejected_score and p.kind for p in fresh)
+    # without the exclusion a fresh stream repeats trained pairs: the filter does something
+    again = synthetic_pairs(cfg, 200, "train", 0.0, seed_offset=1)
+    assert sum((p.prompt, frozenset((p.chosen, p.rejected))) in keys for p in again) > 0  # 7 of 200

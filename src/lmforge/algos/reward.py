@@ -56,6 +56,15 @@ class RewardConfig:
     center_coef: float = 0.0
 
 
+@dataclass
+class JudgeSet:
+    """Held-out pairs with the noiseless judge's verdict, batched as the model reads them."""
+
+    batches: list[dict[str, torch.Tensor]]
+    sign: torch.Tensor  # +1 where the judge prefers the first response of a pair
+    kinds: list[str]  # each pair's task kind
+
+
 class RewardModule(StageModule):
     stage = "reward"
 
@@ -64,10 +73,9 @@ class RewardModule(StageModule):
         self.model = ScalarModel(self.model_cfg)
         if getattr(cfg, "compile", False):
             self.model.compile()
-        # Synthetic data: held-out pairs labelled by the noiseless judge (data.PreferenceSplits).
-        self.judge_batches: list[dict[str, torch.Tensor]] = []
-        self.judge_kinds: list[str] = []
-        self.judge_sign: torch.Tensor | None = None  # +1 where the judge prefers the first response
+        # Synthetic data: held-out pairs labelled by the noiseless judge (data.PreferenceSplits),
+        # by name: "" = pairs of the held-out test prompts, "seen" = new pairs of training prompts.
+        self.judge_sets: dict[str, JudgeSet] = {}
         self.data_counts: dict[str, int] = {}
         self.reward_stats: dict | None = None
         self._val_rewards: list[torch.Tensor] = []
@@ -158,42 +166,47 @@ class RewardModule(StageModule):
         self.log("val/reward_stats_std", self.reward_stats["std"])
         if self._val_examples:  # a bounded W&B table `reward_samples`, and reward_samples.jsonl
             log_text_samples(self.trainer, "reward_samples", self._val_examples)
-        if self.judge_batches:
-            self.log_judge_agreement()
+        for name in self.judge_sets:
+            self.log_judge_agreement(name)
 
     @torch.no_grad()
-    def judge_rewards(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def judge_rewards(self, name: str = "") -> tuple[torch.Tensor, torch.Tensor]:
         first, second = [], []
-        for batch in self.judge_batches:
+        for batch in self.judge_sets[name].batches:
             r = self(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
             a, b = r.chunk(2)
             first.append(a)
             second.append(b)
         return torch.cat(first).cpu(), torch.cat(second).cpu()
 
-    def log_judge_agreement(self) -> None:
-        """How often the RM prefers what the NOISELESS judge prefers, on held-out "test" pairs."""
-        r_a, r_b = self.judge_rewards()
-        agree = ((r_a - r_b) * self.judge_sign > 0).float()
+    def log_judge_agreement(self, name: str = "") -> None:
+        """How often the RM prefers what the NOISELESS judge prefers: val/judge_agreement (and per
+        task kind) on the held-out test prompts' pairs, val/judge_agreement_seen on new pairs of
+        the training prompts."""
+        judged = self.judge_sets[name]
+        r_a, r_b = self.judge_rewards(name)
+        agree = ((r_a - r_b) * judged.sign > 0).float()
+        if name:
+            self.log(f"val/judge_agreement_{name}", agree.mean())
+            return
         self.log("val/judge_agreement", agree.mean())
-        kinds = sorted(set(self.judge_kinds))
-        for kind in kinds:
-            idx = torch.tensor([k == kind for k in self.judge_kinds])
+        for kind in sorted(set(judged.kinds)):
+            idx = torch.tensor([k == kind for k in judged.kinds])
             self.log(f"val/judge_agreement_{kind}", agree[idx].mean())
 
-    def set_judge_pairs(self, encoded, pairs, batch_size: int) -> None:
+    def set_judge_pairs(self, encoded, pairs, batch_size: int, name: str = "") -> None:
         """Held-out pairs with ground truth; ties (no preference) are left out."""
         from lmforge.data.preference_data import collate_pairs
 
         keep = [i for i, p in enumerate(pairs) if p.chosen_score != p.rejected_score]
         encoded = [encoded[i] for i in keep]
         pairs = [pairs[i] for i in keep]
-        self.judge_kinds = [p.kind or "?" for p in pairs]
-        self.judge_sign = torch.tensor([1.0 if p.chosen_score > p.rejected_score else -1.0 for p in pairs])
-        self.judge_batches = [
+        batches = [
             collate_pairs(encoded[i : i + batch_size], self.tokenizer.pad_id)
             for i in range(0, len(encoded), batch_size)
         ]
+        sign = torch.tensor([1.0 if p.chosen_score > p.rejected_score else -1.0 for p in pairs])
+        self.judge_sets[name] = JudgeSet(batches, sign, [p.kind or "?" for p in pairs])
 
     # -- checkpoints -----------------------------------------------------------------
     def checkpoint_metadata(self) -> dict:
@@ -248,6 +261,8 @@ def build(cfg, run_dir):
     module.data_counts = dict(splits.counts)
     if splits.judge:
         module.set_judge_pairs(splits.judge, splits.judge_pairs, cfg.algo.batch_size)
+    if splits.judge_seen:
+        module.set_judge_pairs(splits.judge_seen, splits.judge_seen_pairs, cfg.algo.batch_size, "seen")
     return module, dm
 
 

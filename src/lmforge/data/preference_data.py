@@ -214,12 +214,13 @@ def is_val_prompt(prompt: str, val_fraction: float) -> bool:
     return h / 2**64 < val_fraction
 
 
-def synthetic_pairs(cfg, n: int, split: str, noise: float) -> list[PreferencePair]:
+def synthetic_pairs(cfg, n: int, split: str, noise: float, seed_offset: int = 0) -> list[PreferencePair]:
     """The world's annotator's pairs, re-rendered with the configured template and prefix."""
     from lmforge.data.synthetic import SyntheticWorld, parse_task, strip_prompt_template
 
     out, kinds = [], {}
-    for i, r in enumerate(SyntheticWorld(cfg.seed).preference_pairs(n, split, noise=noise)):
+    world = SyntheticWorld(cfg.seed)
+    for i, r in enumerate(world.preference_pairs(n, split, noise=noise, seed_offset=seed_offset)):
         raw = strip_prompt_template(r["prompt"])
         if raw not in kinds:
             kinds[raw] = parse_task(raw).kind
@@ -229,13 +230,33 @@ def synthetic_pairs(cfg, n: int, split: str, noise: float) -> list[PreferencePai
                 # The world writes responses as " " + text, the default response_prefix.
                 cfg.response_prefix + r["chosen"][1:],
                 cfg.response_prefix + r["rejected"][1:],
-                f"synthetic:{split}:{i}",
+                f"synthetic:{split}:{i}" if not seed_offset else f"synthetic:{split}+{seed_offset}:{i}",
                 kind=kinds[raw],
                 chosen_score=r["chosen_score"],
                 rejected_score=r["rejected_score"],
             )
         )
     return out
+
+
+def _pair_key(p: PreferencePair) -> tuple[str, frozenset[str]]:
+    return p.prompt, frozenset((p.chosen, p.rejected))
+
+
+def unseen_pairs(cfg, n: int, trained: list[PreferencePair]) -> list[PreferencePair]:
+    """``n`` noiseless-judge pairs of the world's *train* prompts that are not among ``trained``
+    (in either order). With the held-out *test* prompts, they separate two questions: has the
+    reward model learned the annotator's preferences (new pairs, familiar prompts), and does it
+    carry them to prompts it never saw (whose answers the backbone may not know)?"""
+    seen = {_pair_key(p) for p in trained}
+    out: list[PreferencePair] = []
+    for offset in range(1, 9):  # a fresh stream per round; most of its pairs are new
+        for p in synthetic_pairs(cfg, 2 * n, "train", 0.0, seed_offset=offset):
+            if _pair_key(p) not in seen:  # the world's pair distribution, less what was trained on
+                out.append(p)
+                if len(out) == n:
+                    return out
+    return out  # nearly all of the prompts' pairs were trained on: fewer than n remain
 
 
 # ==================================================================== encoding
@@ -375,6 +396,9 @@ class PreferenceSplits:
     # Synthetic only: held-out "test" pairs labelled by the noiseless judge, and their truth.
     judge: list[EncodedPair] = field(default_factory=list)
     judge_pairs: list[PreferencePair] = field(default_factory=list)
+    # Synthetic only: new noiseless-judge pairs of the training prompts (see unseen_pairs).
+    judge_seen: list[EncodedPair] = field(default_factory=list)
+    judge_seen_pairs: list[PreferencePair] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
 
 
@@ -383,10 +407,12 @@ def load_preference_splits(cfg, batching: PreferenceBatching, tokenizer: Tokeniz
     bad = BadRecords(cfg.on_bad_record)
     n_val = batching.val_batches * batching.batch_size
     judge_raw: list[PreferencePair] = []
+    seen_raw: list[PreferencePair] = []
     if cfg.source == "synthetic":
         train_raw = synthetic_pairs(cfg, cfg.n_pairs, "train", cfg.annotator_noise)
         val_raw = synthetic_pairs(cfg, n_val, "val", cfg.annotator_noise)
         judge_raw = synthetic_pairs(cfg, cfg.n_eval, "test", 0.0)
+        seen_raw = unseen_pairs(cfg, cfg.n_eval, train_raw)
     elif cfg.source in ("jsonl", "hh", "feedback"):
         pairs = read_preference_records(cfg, bad)
         if getattr(cfg, "val_path", None):
@@ -402,6 +428,8 @@ def load_preference_splits(cfg, batching: PreferenceBatching, tokenizer: Tokeniz
     out.val, _, t_val = encode_preferences(tokenizer, val_raw, batching.seq_len, bad, "val pairs")
     out.judge, kept, _ = encode_preferences(tokenizer, judge_raw, batching.seq_len, bad, "judge pairs")
     out.judge_pairs = [judge_raw[i] for i in kept]
+    out.judge_seen, kept, _ = encode_preferences(tokenizer, seen_raw, batching.seq_len, bad, "judge pairs")
+    out.judge_seen_pairs = [seen_raw[i] for i in kept]
     bad.log_summary(f"preference data ({cfg.source})")
     if not out.train or not out.val:
         raise DataError(
