@@ -76,6 +76,43 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, shapes: list[int], ite
     return {"flops": max(rates.values()), "by_size": {str(n): round(r / 1e9, 1) for n, r in rates.items()}}
 
 
+def step_gemms(model: torch.nn.Module, batch: int, seq: int) -> list[tuple[int, int, int, int]]:
+    """Every matmul of a training step of `model` (a CausalLM) as (batch, M, K, N): each Linear and
+    the LM head forward (X W^T) and backward (dX = dY W, dW = dY^T X), and per layer QK^T and AV
+    forward and backward (full T x T, as flops_per_token counts them). Their FLOPs sum to
+    flops_per_token(seq) * batch * seq."""
+    cfg = model.backbone.cfg
+    tokens = batch * seq
+    gemms = []
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if not any(w.shape == (cfg.vocab_size, cfg.d_model) for w in weights):  # tied head: wte's weight
+        weights.append(torch.empty(cfg.vocab_size, cfg.d_model, device="meta"))
+    for w in weights:
+        n_out, n_in = w.shape
+        gemms += [(1, tokens, n_in, n_out), (1, tokens, n_out, n_in), (1, n_out, tokens, n_in)]
+    bh, d = batch * cfg.n_head, cfg.head_dim
+    for _ in range(cfg.n_layer):
+        # forward S = Q K^T, O = P V; backward dP = dO V^T, dV = P^T dO, dQ = dS K, dK = dS^T Q
+        gemms += [(bh, seq, d, seq), (bh, seq, seq, d)] + [(bh, seq, d, seq), (bh, seq, seq, d)] * 2
+    return gemms
+
+
+class GemmReplay:
+    """The step's matmuls (step_gemms) on random operands, run back to back: the time a step
+    would take if it did nothing but its matmuls at this library's speed for these shapes. It
+    is the ceiling of the step's MFU, and what remains is the non-matmul work."""
+
+    def __init__(self, gemms: list[tuple[int, int, int, int]], dtype: torch.dtype, device: torch.device):
+        gen = torch.Generator(device=device).manual_seed(0)
+        self.operands = [(torch.randn(b, m, k, device=device, dtype=dtype, generator=gen),
+                          torch.randn(b, k, n, device=device, dtype=dtype, generator=gen)) for b, m, k, n in gemms]
+        self.flops = sum(2 * b * m * k * n for b, m, k, n in gemms)
+
+    def __call__(self) -> None:
+        for a, b in self.operands:
+            torch.bmm(a, b)
+
+
 def bf16_usable(device: torch.device) -> tuple[bool, str]:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(), "cuda"

@@ -7,6 +7,11 @@ MFU = achieved model FLOP/s / the dense-matmul peak of the same dtype measured i
 (bench/common.py), so the ratio means the same on any machine. Model FLOPs per token are
 Transformer.flops_per_token (6 N + 12 L d T, PaLM appendix B).
 
+Each variant also replays its step's matmuls alone, at their exact shapes (common.GemmReplay:
+every Linear and the LM head forward and backward, QK^T and AV), round-robin with the steps.
+`gemms_only_mfu` is the MFU a step that did nothing but its matmuls would reach on this machine,
+the ceiling at this shape; `step_time_in_gemms` is the share of the step they account for.
+
 The step is what PretrainModule.training_step does, minus Lightning's bookkeeping: the LM loss
 (fp32 cross-entropy; chunked with --loss-chunks N), backward, gradient clipping, AdamW
 (--optim-impls), zero_grad. Comma lists of variants are timed round-robin in one run.
@@ -29,9 +34,11 @@ from common import (
     bf16_usable,
     emit,
     machine,
+    GemmReplay,
     matmul_peak,
     model_config,
     pick_device,
+    step_gemms,
     summary,
     time_calls,
 )
@@ -93,6 +100,9 @@ class Variant:
         self.times: list[float] = []
         self.tokens = args.batch * args.seq
         self.flops_per_token = self.model.backbone.flops_per_token(args.seq)
+        self.gemms = GemmReplay(step_gemms(self.model, args.batch, args.seq), DTYPES[dtype_name], device)
+        time_calls(self.gemms, device, 1, 0)
+        self.gemm_times: list[float] = []
 
     def result(self, args, peak_flops: float) -> dict:
         stats = summary(self.times)
@@ -113,6 +123,15 @@ class Variant:
             "model_tflops_per_s": round(tok_s * self.flops_per_token / 1e12, 4),
             "mfu": round(tok_s * self.flops_per_token / peak_flops, 3),
             "mfu_best_step": round(self.tokens / stats["best_s"] * self.flops_per_token / peak_flops, 3),
+        }
+        # The same step's matmuls alone (GemmReplay): their MFU is the step's ceiling at these
+        # shapes, and the step's time over theirs is what everything else costs.
+        gemm_s = statistics.median(self.gemm_times)
+        result |= {
+            "gemm_flops_vs_model_flops": round(self.gemms.flops / (self.flops_per_token * self.tokens), 3),
+            "gemms_only_median_s": round(gemm_s, 4),
+            "gemms_only_mfu": round(self.gemms.flops / gemm_s / peak_flops, 3),
+            "step_time_in_gemms": round(gemm_s / stats["median_s"], 3),
         }
         if self.compiled:
             result["compile_s"] = round(self.first_step_s, 1)
@@ -156,6 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     for _ in range(args.steps):
         for v in variants:
             v.times += time_calls(v.step, device, 0, 1)
+            v.gemm_times += time_calls(v.gemms, device, 0, 1)
         for d in dtypes:
             peaks[d].append(matmul_peak(device, DTYPES[d], sizes, iters=3)["flops"])
     for d in dtypes:
