@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -130,3 +131,43 @@ def test_errors_become_messages_and_exit_codes(tmp_path, capsys):
     assert "no such checkpoint file" in capsys.readouterr().err
     assert cli(["prompt=a"]) == 2
     assert "ckpt=<reward checkpoint> is required" in capsys.readouterr().err
+
+
+def test_agreement_with_the_noiseless_judge_on_synthetic_pairs(reward_ckpt):
+    from lmforge.data.preference_data import synthetic_pairs
+    from lmforge.data.templates import encode_pair
+
+    out = main([f"ckpt={reward_ckpt}", "input=synthetic:test:40"])
+    scorer = RewardScorer(reward_ckpt)
+    cfg = load_checkpoint(reward_ckpt).meta["config"]["data"]
+    pairs = synthetic_pairs(SimpleNamespace(**cfg), 40, "test", 0.0)
+    assert all(p.chosen_score > p.rejected_score for p in pairs)  # chosen = the judge's choice
+    def reward(prompt, response):  # one at a time, unpadded
+        return scorer.rewards([encode_pair(scorer.tokenizer, prompt, response, scorer.seq_len).ids])[0]
+
+    diffs = [reward(p.prompt, p.chosen) - reward(p.prompt, p.rejected) for p in pairs]
+    assert out["n"] == 40 and out["accuracy"] == pytest.approx(sum(d > 0 for d in diffs) / 40)
+    kinds = {p.kind for p in pairs}
+    assert set(out["by_kind"]) == kinds
+    for kind in kinds:
+        own = [d > 0 for d, p in zip(diffs, pairs) if p.kind == kind]
+        assert out["by_kind"][kind] == pytest.approx(sum(own) / len(own), abs=1e-4)
+
+
+def test_seen_synthetic_pairs_are_training_prompts_the_run_did_not_train_on(reward_ckpt):
+    from lmforge.data.preference_data import synthetic_pairs
+    from lmforge.data.synthetic import split_of
+    from lmforge.score import synthetic_judge_pairs
+
+    scorer = RewardScorer(reward_ckpt)
+    cfg = load_checkpoint(reward_ckpt).meta["config"]["data"]
+    trained = synthetic_pairs(SimpleNamespace(**cfg), cfg["n_pairs"], "train", cfg["annotator_noise"])
+    keys = {(p.prompt, frozenset((p.chosen, p.rejected))) for p in trained}
+    pairs = synthetic_judge_pairs(scorer, "synthetic:seen:50")
+    assert len(pairs) == 50
+    assert not any((p.prompt, frozenset((p.chosen, p.rejected))) in keys for p in pairs)
+    assert all(split_of(strip_prompt_template(p.prompt)) == "train" for p in pairs)
+    assert main([f"ckpt={reward_ckpt}", "input=synthetic:seen:50"])["n"] == 50
+    for bad in ("synthetic:val", "synthetic:test:x", "synthetic:seen:0"):
+        with pytest.raises(UsageError, match="use synthetic:test or synthetic:seen"):
+            main([f"ckpt={reward_ckpt}", f"input={bad}"])

@@ -6,6 +6,10 @@
         one response -> {"reward", "reward_normalized"}
     python -m lmforge.score ckpt=<reward.ckpt> input=responses.jsonl [output=scores.jsonl]
         {prompt, response} records -> each record plus "reward" and "reward_normalized"
+    python -m lmforge.score ckpt=<reward.ckpt> input=synthetic:test[:N]   (or synthetic:seen[:N])
+        agreement with the synthetic world's noiseless judge, overall and per task kind, on N
+        (default 800) pairs of the held-out test prompts, or on new pairs of the training prompts
+        that the checkpoint's run did not train on (its data.seed, n_pairs, annotator_noise)
 
 Prompts and responses are rendered as the reward model was trained (the checkpoint's
 data.prompt_template and data.response_prefix; HH-style prompts verbatim); raw=true uses them
@@ -99,6 +103,7 @@ class RewardScorer:
         self.response_prefix = "" if raw else data.get("response_prefix", "")
         self.assistant_marker = data.get("assistant_marker", "\n\nAssistant:")
         self.seq_len = int(algo.get("seq_len") or ckpt.model_config.max_seq_len)
+        self.data_config = data
 
     def render(self, prompt: str, response: str) -> tuple[str, str]:
         if self.raw or self.source == "hh":  # HH prompts are whole dialogues, used verbatim
@@ -143,13 +148,17 @@ class RewardScorer:
         return pairs
 
     def pair_accuracy(self, pairs: list[PreferencePair], bad: BadRecords, batch_size: int = 32) -> dict:
-        encoded, _, truncated = encode_preferences(self.tokenizer, pairs, self.seq_len, bad, "input pairs")
+        encoded, kept, truncated = encode_preferences(self.tokenizer, pairs, self.seq_len, bad, "input pairs")
         if not encoded:
             raise DataError("no pair to score: every record was bad (see the warnings above)")
         r_c = self.rewards([p.chosen for p in encoded], batch_size)
         r_r = self.rewards([p.rejected for p in encoded], batch_size)
         diff = torch.tensor(r_c) - torch.tensor(r_r)
-        return {
+        by_kind: dict[str, list[bool]] = {}
+        for i, d in zip(kept, diff.tolist()):
+            if pairs[i].kind:
+                by_kind.setdefault(pairs[i].kind, []).append(d > 0)
+        result = {
             "n": len(encoded),
             "accuracy": float((diff > 0).float().mean()),
             "margin_mean": float(diff.mean()),
@@ -158,6 +167,32 @@ class RewardScorer:
             "truncated": truncated,
             "skipped": sum(bad.counts.values()),
         }
+        if by_kind:  # synthetic pairs: accuracy per task kind
+            result["by_kind"] = {k: round(sum(v) / len(v), 4) for k, v in sorted(by_kind.items())}
+        return result
+
+
+def synthetic_judge_pairs(scorer: RewardScorer, spec: str) -> list[PreferencePair]:
+    """`synthetic:test[:N]` or `synthetic:seen[:N]`: pairs ordered by the world's noiseless judge
+    (chosen = the better response), rendered as the checkpoint's run rendered them (raw= aside)."""
+    from lmforge.data.preference_data import synthetic_pairs, unseen_pairs
+
+    _, _, rest = spec.partition(":")
+    which, _, n = rest.partition(":")
+    if which not in ("test", "seen") or (n and not n.isdigit()) or n == "0":
+        raise UsageError(f"input={spec!r}: use synthetic:test or synthetic:seen, optionally with :N pairs")
+    data = scorer.data_config
+    cfg = SimpleNamespace(seed=int(data.get("seed", 0)),
+                          prompt_template=data.get("prompt_template", "User: {prompt}\nAssistant:"),
+                          response_prefix=data.get("response_prefix", " "))
+    n_pairs = int(n or 800)
+    if which == "test":
+        return synthetic_pairs(cfg, n_pairs, "test", 0.0)
+    if scorer.source != "synthetic":
+        raise UsageError(f"input={spec!r}: the checkpoint was trained on data.source={scorer.source!r}, so "
+                         "which synthetic pairs it saw is unknown; synthetic:test needs no such knowledge")
+    trained = synthetic_pairs(cfg, int(data["n_pairs"]), "train", float(data.get("annotator_noise", 0.0)))
+    return unseen_pairs(cfg, n_pairs, trained)
 
 
 def _is_pairs_file(path: str, args: dict) -> bool:
@@ -210,7 +245,9 @@ def main(argv: list[str] | None = None) -> dict:
     scorer = RewardScorer(args["ckpt"], args["device"], raw=args["raw"].lower() in ("1", "true", "yes"))
     batch_size = int(args["batch_size"])
     bad = BadRecords(args["on_bad_record"])
-    if args["input"]:
+    if args["input"] and args["input"].startswith("synthetic:"):
+        result = scorer.pair_accuracy(synthetic_judge_pairs(scorer, args["input"]), bad, batch_size)
+    elif args["input"]:
         if _is_pairs_file(args["input"], args):
             result = scorer.pair_accuracy(scorer.read_pairs(args["input"], args, bad), bad, batch_size)
         else:
