@@ -57,13 +57,18 @@ def cpu_has_fast_bf16() -> bool:
     return bf16 > 1.5 * fp32
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+def table_peak(device: torch.device, dtype: torch.dtype) -> float | None:
+    """The data-sheet peak of a known GPU at `dtype`; None where no table entry applies."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, value in GPU_PEAK_BF16.items():
             if key in name:
                 return value if dtype in (torch.bfloat16, torch.float16) else value / 2
-    return measure_matmul_peak(device, dtype)
+    return None
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    return table_peak(device, dtype) or measure_matmul_peak(device, dtype)
 
 
 def precision_dtype(precision: str) -> torch.dtype:
@@ -81,7 +86,7 @@ class Throughput(L.Callback):
     Reads `pl_module.tokens_seen` (tokens this rank processed) and `pl_module.flops_per_token()`.
     A measured peak (no GPU table entry) is measured again at every log and the best rate kept:
     one measurement taken while something else used the cores would understate the peak and
-    overstate MFU for the whole run (a reward run once logged MFU 0.93 that way). ~30 ms a time.
+    overstate MFU for the whole run (most likely why a reward run once logged MFU 0.93). ~30 ms a time.
     """
 
     def __init__(self, every: int = 10):
@@ -94,12 +99,14 @@ class Throughput(L.Callback):
         self._last_step = -1
 
     def on_train_start(self, trainer, pl_module) -> None:
+        device = pl_module.device
         self._dtype = precision_dtype(trainer.precision)
-        self.peak = peak_flops(pl_module.device, self._dtype)
-        if pl_module.device.type == "cuda":
-            self._measured = not any(k in torch.cuda.get_device_name(pl_module.device) for k in GPU_PEAK_BF16)
-        else:  # emulated bf16 takes seconds to measure (and its MFU means little): measured once
-            self._measured = self._dtype == torch.float32 or cpu_has_fast_bf16()
+        table = table_peak(device, self._dtype)
+        self.peak = table or measure_matmul_peak(device, self._dtype)
+        # Re-measured at each log unless it came from the table; emulated bf16 on a CPU takes
+        # seconds to measure (and its MFU means little), so it is measured once.
+        emulated = device.type == "cpu" and self._dtype != torch.float32 and not cpu_has_fast_bf16()
+        self._measured = table is None and not emulated
         self._t0, self._tokens0 = time.perf_counter(), pl_module.tokens_seen
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -182,9 +182,8 @@ def synthetic_judge_pairs(scorer: RewardScorer, spec: str) -> list[PreferencePai
     if which not in ("test", "seen") or (n and not n.isdigit()) or n == "0":
         raise UsageError(f"input={spec!r}: use synthetic:test or synthetic:seen, optionally with :N pairs")
     data = scorer.data_config
-    cfg = SimpleNamespace(seed=int(data.get("seed", 0)),
-                          prompt_template=data.get("prompt_template", "User: {prompt}\nAssistant:"),
-                          response_prefix=data.get("response_prefix", " "))
+    cfg = SimpleNamespace(seed=int(data.get("seed", 0)), prompt_template=data["prompt_template"],
+                          response_prefix=data["response_prefix"])
     n_pairs = int(n or 800)
     if which == "test":
         return synthetic_pairs(cfg, n_pairs, "test", 0.0)

@@ -23,6 +23,7 @@ row's first real token, so a padded row computes what it would compute alone:
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -384,12 +385,12 @@ class CausalSelfAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if self.impl == "eager":
             y = eager_attention(q, k, v, mask, dropout)
-        elif self.impl == "flash":
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
         else:
-            # No mask means a plain causal batch: is_causal lets SDPA pick its fused (flash) kernels.
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
+            # "flash" restricts SDPA to the flash kernel; otherwise its dispatcher chooses. No mask
+            # means a plain causal batch: is_causal lets SDPA pick its fused (flash) kernels.
+            only_flash = sdpa_kernel(SDPBackend.FLASH_ATTENTION) if self.impl == "flash" else nullcontext()
+            with only_flash:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # heads side by side again
         return self.resid_drop(self.out_proj(y))
 
