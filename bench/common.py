@@ -84,9 +84,9 @@ def step_gemms(model: torch.nn.Module, batch: int, seq: int) -> list[tuple[int, 
     cfg = model.backbone.cfg
     tokens = batch * seq
     gemms = []
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    if not any(w.shape == (cfg.vocab_size, cfg.d_model) for w in weights):  # tied head: wte's weight
-        weights.append(torch.empty(cfg.vocab_size, cfg.d_model, device="meta"))
+    # The backbone's Linears and the LM head (wte's weight when tied), as flops_per_token counts them.
+    weights = [m.weight for m in model.backbone.modules() if isinstance(m, torch.nn.Linear)]
+    weights.append(model.lm_head_weight)
     for w in weights:
         n_out, n_in = w.shape
         gemms += [(1, tokens, n_in, n_out), (1, tokens, n_out, n_in), (1, n_out, tokens, n_in)]
@@ -104,16 +104,18 @@ class GemmReplay:
 
     def __init__(self, gemms: list[tuple[int, int, int, int]], dtype: torch.dtype, device: torch.device):
         gen = torch.Generator(device=device).manual_seed(0)
-        # Own operands per matmul, as the step has (on a CPU the small ones would otherwise stay in
-        # cache from layer to layer); on a GPU, one pair per distinct shape: gpt2-small's T x T
-        # attention operands would take gigabytes, and its caches are too small to matter.
-        operands = {}
-        for i, (b, m, k, n) in enumerate(gemms):
-            key = (b, m, k, n) if device.type == "cuda" else i
-            if key not in operands:
-                operands[key] = (torch.randn(b, m, k, device=device, dtype=dtype, generator=gen),
-                                 torch.randn(b, k, n, device=device, dtype=dtype, generator=gen))
-        self.operands = [operands[g if device.type == "cuda" else i] for i, g in enumerate(gemms)]
+
+        def operands(b: int, m: int, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return (torch.randn(b, m, k, device=device, dtype=dtype, generator=gen),
+                    torch.randn(b, k, n, device=device, dtype=dtype, generator=gen))
+
+        if device.type == "cuda":
+            # One pair per distinct shape: gpt2-small's T x T attention operands would take
+            # gigabytes, and a GPU's caches are too small for the reuse to matter.
+            by_shape = {g: operands(*g) for g in set(gemms)}
+            self.operands = [by_shape[g] for g in gemms]
+        else:  # own operands per matmul, as the step has: shared ones would stay in cache
+            self.operands = [operands(*g) for g in gemms]
         self.flops = sum(2 * b * m * k * n for b, m, k, n in gemms)
 
     def __call__(self) -> None:
