@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,11 +24,28 @@ os.environ.setdefault("WANDB_SILENT", "true")
 register_configs()
 
 
+# Tests pin the precision: `auto` is bf16-mixed on a CPU with native bf16 and fp32 on one without,
+# so a suite left to it tests different things on different machines (tests/test_precision.py runs
+# both on purpose). Every train.py a test launches gets it too.
+PINNED = ["trainer.precision=32-true"]
+
+
+def pinned(overrides: list[str]) -> list[str]:
+    """`overrides` with the pinned settings each of them does not already set."""
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    return list(overrides) + [p for p in PINNED if p.split("=", 1)[0] not in given]
+
+
+def train_py_cmd(*overrides: str) -> list[str]:
+    """The command line of `python train.py <overrides>` as the tests launch it (precision pinned)."""
+    return [sys.executable, str(ROOT / "train.py"), *pinned(list(overrides))]
+
+
 def compose_config(overrides: list[str] | None = None, run_dir: Path | None = None):
     """The config `python train.py <overrides>` would run, with the hydra: resolvers working."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides or []), return_hydra_config=True)
+        cfg = compose("train", overrides=pinned(list(overrides or [])), return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         if run_dir is not None:

@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lmforge.perf import Throughput, cpu_has_fast_bf16
+from lmforge.precision import mixed_precision_plugin
 from lmforge.progress import PlainProgress, progress_callback  # noqa: F401  (the progress display, trainer.progress_bar)
 from lmforge.strategy import StrategyConfig  # noqa: F401  (the `strategy` group's schema lives with the strategies)
 
@@ -76,6 +77,9 @@ def build_trainer(cfg, run_dir: Path, loggers: list, module: L.LightningModule,
     ckpt_dir = run_dir / "checkpoints"
     monitor, mode = getattr(module, "checkpoint_monitor", ("val/loss", "min"))
     clip = cfg.algo.optim.grad_clip if module.automatic_optimization else 0.0
+    precision = resolve_precision(t)
+    # *-mixed: our plugin, which clips gradients under fused AdamW too (lmforge/precision.py).
+    mixed = mixed_precision_plugin(precision, t.accelerator, cfg.strategy.name)
     callbacks = [
         # best.ckpt; last.ckpt is PeriodicCheckpoint's (written at every validation, not only on improvement)
         ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode,
@@ -93,7 +97,7 @@ def build_trainer(cfg, run_dir: Path, loggers: list, module: L.LightningModule,
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        precision=resolve_precision(t),
+        precision=None if mixed else precision,
         strategy=build_strategy(cfg.strategy),
         max_steps=t.max_steps,
         val_check_interval=t.eval_every * t.accumulate_grad_batches,
@@ -108,7 +112,7 @@ def build_trainer(cfg, run_dir: Path, loggers: list, module: L.LightningModule,
         default_root_dir=str(run_dir),
         deterministic=t.deterministic,
         num_sanity_val_steps=0,
-        plugins=checkpoint_plugins(),
+        plugins=checkpoint_plugins() + ([mixed] if mixed else []),
     )
     trainer.lmforge_run_dir = run_dir
     return trainer

@@ -135,7 +135,8 @@ def generate(
     B = len(prompts)
     kv_cache = None
     if use_cache:
-        kv_cache = KVCache.allocate(model.cfg, B, total, param.device, param.dtype, static=static_cache)
+        # No dtype: the cache takes the keys' dtype (bf16 under autocast or with bf16 weights).
+        kv_cache = KVCache.allocate(model.cfg, B, total, param.device, static=static_cache)
     finished = torch.zeros(B, dtype=torch.bool, device=param.device)
 
     was_training = model.training
