@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared RL helpers
 
-from conftest import ROOT
+from conftest import ROOT, train_py_cmd
 from test_rollout import build_rl_assets, logprob_change, rl_config, toy_update
 
 from lmforge.checkpoint import (
@@ -142,7 +142,7 @@ def test_train_py_algo_ppo_end_to_end_and_resume(rl_assets, tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
 
     def train_py(*extra):
-        proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *common, *extra], cwd=ROOT, env=env, check=False,
+        proc = subprocess.run(train_py_cmd(*common, *extra), cwd=ROOT, env=env, check=False,
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc.stdout + proc.stderr

@@ -5,13 +5,12 @@ from __future__ import annotations
 import csv
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, train_py_cmd
 from lmforge.checkpoint import load_checkpoint
 from lmforge.run import main
 
@@ -21,7 +20,7 @@ SMOKE = ["experiment=smoke", "logger=csv", "trainer.progress_bar=none"]
 def train_py(*overrides: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *overrides],
+        train_py_cmd(*overrides),
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -6,14 +6,13 @@ from __future__ import annotations
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, compose_config
+from conftest import compose_config, train_py_cmd
 from lmforge.algos.pretrain import PretrainModule
 from lmforge.algos.reward import RewardModule
 from lmforge.checkpoint import CheckpointError, load_checkpoint
@@ -172,7 +171,7 @@ def test_pretrain_then_reward_end_to_end(tmp_path, shared_cache):
     common = ["experiment=smoke", "logger=csv", "trainer.progress_bar=none", f"data.cache_dir={shared_cache}"]
 
     def train(*overrides):
-        proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *common, *overrides], cwd=tmp_path,
+        proc = subprocess.run(train_py_cmd(*common, *overrides), cwd=tmp_path,
                               env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from lmforge.data.templates import BadRecords
 from lmforge.data.tokenizer import train_tokenizer
 from lmforge.evaluation import evaluate_judge, held_out_prompts
 from lmforge.model import CausalLM, ModelConfig
+from conftest import train_py_cmd
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = "User: {prompt}\nAssistant:"
@@ -239,7 +239,7 @@ def test_held_out_prompts_are_distinct_test_prompts():
 
 
 def run_train(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "train.py"), "experiment=smoke", "logger=csv", "trainer.progress_bar=none", *args]
+    cmd = train_py_cmd("experiment=smoke", "logger=csv", "trainer.progress_bar=none", *args)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc

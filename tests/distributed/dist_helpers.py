@@ -6,10 +6,10 @@ import csv
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import train_py_cmd
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,7 +43,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def train_cmd(*overrides: str) -> list[str]:
-    return [sys.executable, str(ROOT / "train.py"), *overrides]
+    return train_py_cmd(*overrides)
 
 
 def run_train(*overrides: str, timeout: int = 300, env: dict | None = None, cwd: Path = ROOT,
@@ -51,8 +51,26 @@ def run_train(*overrides: str, timeout: int = 300, env: dict | None = None, cwd:
     proc = subprocess.run(train_cmd(*overrides), cwd=cwd, env=env or clean_env(), capture_output=True, text=True,
                           timeout=timeout)
     if check:
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        assert proc.returncode == 0, failure_report(proc)
     return proc
+
+
+def failure_report(proc: subprocess.CompletedProcess) -> str:
+    """What a failed multi-process run printed, for the assertion message. Every rank writes to the
+    same stdout/stderr, so the rank that died first is often not the one whose error ends the
+    output: each traceback is shown whole (the first 6000 characters of each), then the tails."""
+    out = proc.stdout + proc.stderr
+    tracebacks = [out[i : i + 6000] for i in _starts(out, "Traceback (most recent call last)")]
+    return ("\n".join(f"--- traceback {n + 1} of {len(tracebacks)} ---\n{t}" for n, t in enumerate(tracebacks))
+            + "\n--- stdout tail ---\n" + proc.stdout[-3000:] + "\n--- stderr tail ---\n" + proc.stderr[-3000:])
+
+
+def _starts(text: str, needle: str) -> list[int]:
+    found, i = [], text.find(needle)
+    while i >= 0:
+        found.append(i)
+        i = text.find(needle, i + 1)
+    return found
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

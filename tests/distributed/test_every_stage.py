@@ -1,10 +1,11 @@
-"""SFT, reward and PPO on two ranks on CPU (gloo), under DDP and FSDP.
+"""Every supervised stage and PPO on two ranks on CPU (gloo), under DDP and FSDP, in bf16-mixed and fp32.
 
-Pretraining under DDP/FSDP is covered step for step in test_strategies.py; here each other stage
-runs two steps on two ranks from the small policy/reward checkpoints of the RL tests, and must
-finish with one checkpoint of its stage, loadable in one process, and one metrics file. SFT and
-reward share the supervised path (StageModule, automatic optimization), so each takes one
-strategy and the pair covers both; PPO (manual optimization, generation, frozen models) takes both.
+Pretraining under DDP/FSDP in fp32 is covered step for step in test_strategies.py; here each stage
+runs two steps on two ranks (the later stages from the small policy/reward checkpoints of the RL
+tests) with fused AdamW, and must finish with one checkpoint of its stage, loadable in one
+process, and one metrics file. SFT and reward share the supervised path (StageModule, automatic
+optimization), so each takes one strategy and the pair covers both; pretraining and PPO (manual
+optimization, generation, frozen models) take both, PPO in both precisions.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def assets(tmp_path_factory, shared_cache):
 
 def stage_overrides(stage: str, assets: dict) -> list[str]:
     init = [f"init_from={assets['policy']}", f"data.cache_dir={assets['cache']}"]
+    if stage == "pretrain":
+        return [f"data.cache_dir={assets['cache']}", "algo.batch_size=4", "algo.seq_len=32", "algo.val_batches=1",
+                "algo.n_samples=0"]
     if stage == "sft":
         return [*init, "algo=sft", "data.n_sft=200", "algo.batch_size=4", "algo.val_batches=1",
                 "algo.eval_prompts=4", "algo.max_new_tokens=4"]
@@ -44,16 +48,24 @@ def stage_overrides(stage: str, assets: dict) -> list[str]:
             "algo.eval_max_new_tokens=4", "algo.eval_prompts=4", "algo.eval_batch_size=4", "algo.n_samples=1"]
 
 
-@pytest.mark.parametrize(("stage", "strategy"), [("sft", "fsdp"), ("reward", "ddp"), ("ppo", "ddp"), ("ppo", "fsdp")])
-def test_stage_runs_on_two_ranks(tmp_path, assets, stage, strategy):
+# bf16-mixed with fused AdamW (what `auto` picks on GPUs and bf16 CPUs) for every stage under
+# each strategy, fp32 for PPO (manual optimization, generation, frozen models) under both.
+@pytest.mark.parametrize(("stage", "strategy", "precision"), [
+    ("pretrain", "ddp", "bf16-mixed"), ("pretrain", "fsdp", "bf16-mixed"),
+    ("sft", "fsdp", "bf16-mixed"), ("reward", "ddp", "bf16-mixed"),
+    ("ppo", "ddp", "bf16-mixed"), ("ppo", "fsdp", "bf16-mixed"),
+    ("ppo", "ddp", "32-true"), ("ppo", "fsdp", "32-true"),
+])
+def test_stage_runs_on_two_ranks(tmp_path, assets, stage, strategy, precision):
     run = tmp_path / "run"
-    run_train(*COMMON, *stage_overrides(stage, assets), f"strategy={strategy}", f"hydra.run.dir={run}")
+    run_train(*COMMON, *stage_overrides(stage, assets), f"strategy={strategy}", f"hydra.run.dir={run}",
+              f"trainer.precision={precision}", "algo.optim.impl=fused")
     ckpt = load_checkpoint(run / "checkpoints" / "last.ckpt")
     assert ckpt.stage == stage and ckpt.raw["global_step"] == 2
     assert len(list(tmp_path.rglob("metrics.csv"))) == 1  # rank zero only
     rows = read_metrics(run)
     keys = {k for r in rows for k, v in r.items() if v}
-    expected = {"sft": "val/loss", "reward": "val/accuracy", "ppo": "rollout/reward_mean"}[stage]
+    expected = {"pretrain": "val/loss", "sft": "val/loss", "reward": "val/accuracy", "ppo": "rollout/reward_mean"}[stage]
     assert expected in keys, sorted(keys)
     if stage == "ppo":
         # Statistics reduced over both ranks' rollouts: 2 ranks x 4 responses.

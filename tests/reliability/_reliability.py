@@ -14,7 +14,7 @@ from omegaconf import open_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
-from conftest import compose_config
+from conftest import compose_config, train_py_cmd
 
 # A few seconds a run: nano model, 4 x 32-token micro-batches, a 1-batch validation, no samples,
 # every step logged and flushed (so a killed run's metrics are on disk up to the kill).
@@ -51,8 +51,7 @@ def launch(run_dir: Path, cache: Path, *overrides: str) -> subprocess.Popen:
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log = open(run_dir.parent / f"{run_dir.name}.log", "ab")  # noqa: SIM115 (the child writes it)
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *TINY, f"data.cache_dir={cache}", f"hydra.run.dir={run_dir}",
-         *overrides],
+        train_py_cmd(*TINY, f"data.cache_dir={cache}", f"hydra.run.dir={run_dir}", *overrides),
         cwd=run_dir.parent, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT,
     )
 
