@@ -64,6 +64,16 @@ def test_auto_precision_for_each_kind_of_machine(monkeypatch, cuda, cuda_bf16, c
         assert resolve_precision(TrainerConfig(accelerator=accelerator, precision=pinned)) == pinned
 
 
+def test_precision_names_are_normalized_and_typos_refused(make_cfg):
+    from lmforge.config import ConfigError, validate
+
+    assert resolve_precision(TrainerConfig(precision="bf16")) == "bf16-mixed"  # Lightning's short form
+    assert resolve_precision(TrainerConfig(precision="32")) == "32-true"
+    assert mixed_precision_plugin(resolve_precision(TrainerConfig(precision="bf16")), "cpu") is not None
+    with pytest.raises(ConfigError, match=r"trainer.precision='bf16-mxed' is not a precision: use one of auto"):
+        validate(make_cfg("model=nano", "trainer.precision=bf16-mxed"))
+
+
 def test_tests_pin_their_precision():
     """The suite means the same on every machine: composed test configs never leave it to `auto`."""
     assert compose_config([]).trainer.precision == "32-true"

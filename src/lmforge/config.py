@@ -16,6 +16,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from lmforge.data.config import DATA_SCHEMAS
 from lmforge.model import ModelConfig
+from lmforge.precision import PrecisionError, normalize_precision
 from lmforge.trainer import StrategyConfig, TrainerConfig
 from lmforge.tracking import LOGGER_SCHEMAS
 
@@ -193,6 +194,10 @@ def validate(cfg: DictConfig) -> ModelConfig:
     _check(t.checkpoint_every_minutes is None or t.checkpoint_every_minutes > 0,
            f"trainer.checkpoint_every_minutes={t.checkpoint_every_minutes} must be positive (or null: "
            "checkpoints only every trainer.eval_every steps)")
+    try:
+        normalize_precision(t.precision)
+    except PrecisionError as e:
+        raise ConfigError(str(e)) from None
     d = cfg.data
     _check(0 < d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be between 0 and 1")
     _check(d.on_bad_record in ("error", "skip"),

@@ -26,6 +26,10 @@ from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from torch.optim import LBFGS, Optimizer
 
 MIXED = ("16-mixed", "bf16-mixed")
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
+# Lightning's short forms, spelled out (a bare "bf16" would otherwise reach Lightning's own AMP
+# plugin and the fused-AdamW clipping refusal this module exists to avoid).
+ALIASES = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed", "64": "64-true"}
 
 
 class PrecisionError(ValueError):
@@ -73,6 +77,14 @@ class ClippingMixedPrecision(MixedPrecision):
             # Manual optimization clips before opt.step(): the gradients must be unscaled first.
             self._unscale_once(optimizer)
         Precision.clip_gradients(self, optimizer, clip_val, gradient_clip_algorithm or GradClipAlgorithmType.NORM)
+
+
+def normalize_precision(value: str | int) -> str:
+    """trainer.precision in its long form ("bf16" -> "bf16-mixed"); an unknown value is refused."""
+    value = ALIASES.get(str(value), str(value))
+    if value not in PRECISIONS:
+        raise PrecisionError(f"trainer.precision={value!r} is not a precision: use one of {', '.join(PRECISIONS)}")
+    return value
 
 
 def autocast_device(accelerator: str) -> str:

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lmforge.perf import Throughput, cpu_has_fast_bf16
-from lmforge.precision import mixed_precision_plugin
+from lmforge.precision import mixed_precision_plugin, normalize_precision
 from lmforge.progress import PlainProgress, progress_callback  # noqa: F401  (the progress display, trainer.progress_bar)
 from lmforge.strategy import StrategyConfig  # noqa: F401  (the `strategy` group's schema lives with the strategies)
 
@@ -42,8 +42,9 @@ class TrainerConfig:
 
 
 def resolve_precision(cfg: TrainerConfig) -> str:
-    if cfg.precision != "auto":
-        return cfg.precision
+    precision = normalize_precision(cfg.precision)
+    if precision != "auto":
+        return precision
     gpu = cfg.accelerator in ("gpu", "cuda") or (cfg.accelerator == "auto" and torch.cuda.is_available())
     if gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bf16-mixed"
