@@ -230,6 +230,16 @@ def test_stage_trains_in_each_precision_with_each_adamw(monkeypatch, tmp_path, a
     assert losses and all(math.isfinite(v) for v in losses.values()), result["metrics"]
 
 
+@pytest.mark.parametrize(("stage", "switch"), [("pretrain", "algo.loss_chunk=64"), ("sft", "algo.loss_chunk=64"),
+                                               ("ppo", "algo.static_cache=true"), ("grpo", "algo.static_cache=true")])
+def test_fast_paths_train_in_bf16_mixed(monkeypatch, tmp_path, assets, stage, switch):
+    """The chunked LM-head loss and the static-shape KV cache (rollouts under autocast) in bf16."""
+    cfg = stage_config(stage, assets, tmp_path / "run", "trainer.precision=bf16-mixed", "algo.optim.impl=fused", switch)
+    result, probe = run_probed(monkeypatch, cfg)
+    assert result["global_step"] == 2 and probe.precision == "bf16-mixed"
+    assert probe.norms == pytest.approx([CLIP] * len(probe.norms), rel=1e-3), probe.norms
+
+
 # ============================================================================ generation with the KV cache
 
 
