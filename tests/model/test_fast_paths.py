@@ -148,18 +148,6 @@ def test_measuring_the_matmul_peak_leaves_the_global_rng_alone():
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_auto_precision_picks_bf16_on_a_cpu_only_where_it_is_native(monkeypatch):
-    import lmforge.trainer as trainer_mod
-    from lmforge.trainer import TrainerConfig, resolve_precision
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    for fast, expected in ((True, "bf16-mixed"), (False, "32-true")):
-        monkeypatch.setattr(trainer_mod, "cpu_has_fast_bf16", lambda fast=fast: fast)
-        assert resolve_precision(TrainerConfig(accelerator="auto")) == expected
-        assert resolve_precision(TrainerConfig(accelerator="cpu")) == expected
-        assert resolve_precision(TrainerConfig(accelerator="cpu", precision="32-true")) == "32-true"
-
-
 def test_pinned_memory_follows_the_config(monkeypatch):
     from lmforge.data.config import use_pinned_memory
 
