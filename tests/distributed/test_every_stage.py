@@ -53,13 +53,21 @@ def stage_overrides(stage: str, assets: dict) -> list[str]:
 @pytest.mark.parametrize(("stage", "strategy", "precision"), [
     ("pretrain", "ddp", "bf16-mixed"), ("pretrain", "fsdp", "bf16-mixed"),
     ("sft", "fsdp", "bf16-mixed"), ("reward", "ddp", "bf16-mixed"),
-    ("ppo", "ddp", "bf16-mixed"), ("ppo", "fsdp", "bf16-mixed"),
+    ("ppo", "ddp", "bf16-mixed"), ("ppo", "fsdp", "bf16-mixed"), ("ppo", "fsdp-bf16-params", "bf16-mixed"),
     ("ppo", "ddp", "32-true"), ("ppo", "fsdp", "32-true"),
 ])
 def test_stage_runs_on_two_ranks(tmp_path, assets, stage, strategy, precision):
     run = tmp_path / "run"
-    run_train(*COMMON, *stage_overrides(stage, assets), f"strategy={strategy}", f"hydra.run.dir={run}",
-              f"trainer.precision={precision}", "algo.optim.impl=fused")
+    # fsdp-bf16-params: FSDP2 computes with bf16 parameters (what strategy.mixed_precision=auto picks
+    # on GPUs), so rollouts run on bf16 weights. PPO under FSDP in bf16 uses the static-shape KV
+    # cache (index_copy_ refuses a dtype mismatch that a slice assignment would silently cast).
+    extra = []
+    if strategy.startswith("fsdp") and stage == "ppo" and precision == "bf16-mixed":
+        extra.append("algo.static_cache=true")
+    if strategy == "fsdp-bf16-params":
+        extra.append("strategy.mixed_precision=bf16")
+    run_train(*COMMON, *stage_overrides(stage, assets), f"strategy={strategy.split('-')[0]}", *extra,
+              f"hydra.run.dir={run}", f"trainer.precision={precision}", "algo.optim.impl=fused")
     ckpt = load_checkpoint(run / "checkpoints" / "last.ckpt")
     assert ckpt.stage == stage and ckpt.raw["global_step"] == 2
     assert len(list(tmp_path.rglob("metrics.csv"))) == 1  # rank zero only
