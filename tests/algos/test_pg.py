@@ -30,7 +30,7 @@ def test_one_iteration_raises_the_probability_of_rewarded_responses(algo, rl_ass
     # 16 responses per iteration: 16 prompts x 1 (REINFORCE) or 4 prompts x 4 samples (RLOO, GRPO).
     k = 1 if algo == "reinforce" else 4
     _, _, module = toy_update(algo, rl_assets, tmp_path / "run", f"algo.rollout_batch_size={16 // k}",
-                              f"algo.samples_per_prompt={k}", "algo.minibatch_size=8", "algo.micro_batch_size=4")
+                              f"algo.samples_per_prompt={k}", "algo.minibatch_size=16", "algo.micro_batch_size=4")
     up, down = logprob_change(module)
     assert up > 0.02 and down < -0.02, (up, down)
     assert not any(n.startswith(("critic", "value_head")) for n, _ in module.named_parameters()), "no critic"

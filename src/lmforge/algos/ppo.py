@@ -57,12 +57,13 @@ from lmforge.checkpoint import (
 )
 from lmforge.model import ScalarModel
 from lmforge.rl import (
-    entropy_from_logits,
     explained_variance,
     gae_advantages,
     logprobs_from_logits,
     masked_whiten,
     ppo_policy_loss,
+    token_entropy,
+    token_mean,
     value_loss,
 )
 
@@ -166,15 +167,17 @@ class PPOModule(RLStageModule):
     def loss(self, mb: dict) -> tuple[Tensor, dict[str, Tensor]]:
         algo = self.cfg.algo
         P, m = mb["prompt_len"], mb["response_mask"]
+        norm = self.norm_of(mb)
         logits, values = self.policy_forward(mb["sequences"], mb["attention_mask"], P)
-        logits = logits.float() / algo.temperature
+        logits = self.tempered(logits)  # the sampling distribution (rollout.py: tempered)
         logp = logprobs_from_logits(logits, mb["sequences"][:, P:])
-        pg, pg_stats = ppo_policy_loss(logp, mb["old_logprobs"], mb["advantages"], m, algo.clip_eps)
-        vf, vf_stats = value_loss(values, mb["old_values"], mb["returns"], m, algo.vf_clip_eps)
+        pg, pg_stats = ppo_policy_loss(logp, mb["old_logprobs"], mb["advantages"], m, algo.clip_eps,
+                                       algo.loss_agg, norm)
+        vf, vf_stats = value_loss(values, mb["old_values"], mb["returns"], m, algo.vf_clip_eps, norm)
         loss = pg + algo.vf_coef * vf
         stats = {"policy_loss": pg.detach(), "value_loss": vf.detach(), **pg_stats, **vf_stats}
         if algo.ent_coef:
-            entropy = entropy_from_logits(logits, m)
+            entropy = token_mean(token_entropy(logits), m, norm.n_tokens)
             loss = loss - algo.ent_coef * entropy
             stats["entropy"] = entropy.detach()
         return loss, stats

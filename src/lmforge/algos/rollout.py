@@ -48,10 +48,13 @@ from lmforge.model import generate
 from lmforge.optim import OptimConfig
 from lmforge.rewards import RewardFunction, RLRewardConfig, ScoringBatch, build_reward
 from lmforge.rl import (
+    LOSS_AGGS,
     AdaptiveKLController,
     FixedKLController,
-    entropy_from_logits,
+    LossNorm,
+    kl_estimate,
     logprobs_from_logits,
+    token_entropy,
     token_rewards,
 )
 from lmforge.rl.stats import masked_mean
@@ -103,6 +106,11 @@ class RLConfig:
     minibatch_size: int = 32  # sequences per optimizer update
     micro_batch_size: int = 32  # sequences per forward/backward (accumulation = minibatch / micro)
     clip_eps: Optional[float] = 0.2  # ratio clipping; null = plain policy gradient (REINFORCE/RLOO)
+    # How per-token policy losses become the update's loss (lmforge.rl.losses.aggregate), always
+    # over the whole update (every micro-batch, every rank): token-mean | seq-mean-token-mean
+    # (DeepSeekMath GRPO) | seq-mean-token-sum-norm (Dr. GRPO: token sums / loss_agg_const).
+    loss_agg: str = "token-mean"
+    loss_agg_const: Optional[float] = None  # seq-mean-token-sum-norm's divisor; null = max_new_tokens
     whiten_advantages: bool = False
     optim: OptimConfig = field(default_factory=_rl_optim)
     # -- PPO-ptx: + ptx_coef * SFT language-modeling loss on the source's SFT pairs
@@ -310,6 +318,50 @@ class RLStageModule(StageModule):
             self.ref_model.to(self.device)
         self.reward.to(self.device)
 
+    # -- the sampling temperature: the one place log-probs and entropies apply it -----------
+    def tempered(self, logits: Tensor) -> Tensor:
+        """Logits of the distribution the rollout sampled from: softmax(logits / temperature)."""
+        return logits.float() / self.cfg.algo.temperature
+
+    def token_logprobs(self, logits: Tensor, tokens: Tensor) -> Tensor:
+        """Log-probs of `tokens` at the sampling temperature: old, reference and new alike, so
+        ratios start at 1 and the KL compares the distributions that were sampled."""
+        return logprobs_from_logits(self.tempered(logits), tokens)
+
+    # -- KL to the reference: one estimator (algo.kl_estimator) for penalty, controller, logs
+    def token_kl_estimate(self, ro: Rollout, kind: str | None = None) -> Tensor:
+        """(B, N) per-token estimate (k1, k2 or k3; default algo.kl_estimator), 0 off the mask."""
+        kind = kind or self.cfg.algo.kl_estimator
+        return torch.where(ro.response_mask, kl_estimate(ro.logprobs, ro.ref_logprobs, kind), 0.0)
+
+    def sequence_kl(self, ro: Rollout, kind: str | None = None) -> Tensor:
+        """(B,) per-response KL estimate: the sum over its tokens (nats per sequence)."""
+        return self.token_kl_estimate(ro, kind).sum(-1)
+
+    # -- loss denominators ---------------------------------------------------------------------
+    @property
+    def loss_agg_const(self) -> float:
+        a = self.cfg.algo
+        return float(a.loss_agg_const or a.max_new_tokens)
+
+    def update_norm(self, response_mask: Tensor) -> LossNorm:
+        """The denominators of one optimizer update whose rows (on this rank) have `response_mask`:
+        real tokens and sequences summed over ranks (one all-reduce), divided by the number of
+        ranks because DDP AVERAGES the ranks' gradients. Each micro-batch's loss is then its
+        share of the update's loss, whatever the micro-batch split and the number of ranks."""
+        counts = torch.tensor([float(response_mask.sum()), float(response_mask.shape[0])], dtype=torch.float64,
+                              device=self.device)
+        world = 1
+        if self.reduce is not None:
+            counts = self.reduce(counts)
+            world = torch.distributed.get_world_size()
+        n_tokens, n_seqs = (counts / world).tolist()
+        return LossNorm(n_tokens=n_tokens, n_seqs=n_seqs, const=self.loss_agg_const)
+
+    def norm_of(self, mb: dict) -> LossNorm:
+        """mb's update denominators (set by `update`); a lone batch is a whole update."""
+        return mb.get("norm") or LossNorm(const=self.loss_agg_const)
+
     # -- hooks for subclasses --------------------------------------------------------------
     def policy_forward(self, sequences: Tensor, attention_mask: Tensor, prompt_len: int,
                        values: bool = True) -> tuple[Tensor, Tensor | None]:
@@ -388,14 +440,13 @@ class RLStageModule(StageModule):
             sl = slice(i, i + algo.micro_batch_size)
             seq, attn, tok, m = ro.sequences[sl], ro.attention_mask[sl], tokens[sl], ro.response_mask[sl]
             logits, v = self.policy_forward(seq, attn, ro.prompt_len)
-            logits = logits.float() / algo.temperature
-            logps.append(logprobs_from_logits(logits, tok).masked_fill(~m, 0.0))
-            ent_sum += float(entropy_from_logits(logits, m)) * float(m.sum())
+            logps.append(self.token_logprobs(logits, tok).masked_fill(~m, 0.0))
+            ent_sum += float(torch.where(m, token_entropy(self.tempered(logits)), 0.0).sum())
             ent_n += float(m.sum())
             if v is not None:
                 values.append(v.masked_fill(~m, 0.0))
             ref_logits, _ = response_logits(self.ref_model, seq, attn, ro.prompt_len)
-            ref_logps.append(logprobs_from_logits(ref_logits, tok, temperature=algo.temperature).masked_fill(~m, 0.0))
+            ref_logps.append(self.token_logprobs(ref_logits, tok).masked_fill(~m, 0.0))
         ro.logprobs, ro.ref_logprobs = torch.cat(logps), torch.cat(ref_logps)
         ro.values = torch.cat(values) if values else None
         ro.entropy = torch.tensor(ent_sum / max(ent_n, 1.0), device=self.device)
@@ -451,30 +502,32 @@ class RLStageModule(StageModule):
         n_mb = B // algo.minibatch_size
         n_updates = algo.ppo_epochs * n_mb
         shuffle = torch.Generator().manual_seed(seed_for(self.cfg.seed, "shuffle", step, self.global_rank))
+        # Every stat a loss returns is its micro-batch's SHARE of the update's figure (same
+        # denominators as the loss): summed over an update's micro-batches, averaged over updates.
         sums: dict[str, Tensor] = {}
-        n_micro = 0
         update = 0
         for _ in range(algo.ppo_epochs):
             perm = torch.randperm(B, generator=shuffle).to(self.device)
             for j in range(n_mb):
                 rows = perm[j * algo.minibatch_size : (j + 1) * algo.minibatch_size]
+                norm = self.update_norm(ro.response_mask[rows])
                 micro = rows.split(algo.micro_batch_size)
                 for k, idx in enumerate(micro):
                     mb = self.take(fields, idx, ro.prompt_len)
+                    mb["norm"] = norm
                     last = k == len(micro) - 1
                     # Gradients are all-reduced (DDP) once per update, at its last micro-batch.
                     with opt.toggle_model(sync_grad=last):
-                        loss, stats = self.loss(mb)
-                        loss = loss * (len(idx) / len(rows))
+                        loss, stats = self.loss(mb)  # this micro-batch's share of the update's loss
                         if last and algo.ptx_coef > 0:
+                            # PPO-ptx: one SFT batch per update, its mean loss added once.
                             ptx = self._ptx_loss()
                             loss = loss + algo.ptx_coef * ptx
-                            stats = {**stats, "ptx_loss": ptx.detach() * len(micro)}
+                            stats = {**stats, "ptx_loss": ptx.detach()}
                         self.manual_backward(loss)
                     self.count_tokens(int(mb["attention_mask"].sum()))
                     for name, v in stats.items():
                         sums[name] = sums.get(name, 0.0) + v.detach().float()
-                    n_micro += 1
                 if algo.optim.grad_clip > 0:
                     self.clip_gradients(opt, gradient_clip_val=algo.optim.grad_clip, gradient_clip_algorithm="norm")
                 update += 1
@@ -486,7 +539,7 @@ class RLStageModule(StageModule):
         world = self.trainer.world_size
         out = {}
         for name, v in sums.items():
-            mean = v / n_micro
+            mean = v / n_updates
             if self.reduce is not None:
                 mean = self.reduce(mean) / world
             out[f"train/{name}"] = mean
@@ -501,9 +554,9 @@ class RLStageModule(StageModule):
         self.last_rollout = ro  # for inspection (tests, debugging); replaced every iteration
         t2 = time.perf_counter()
         adv_stats = self.compute_advantages(ro)
-        # The adaptive KL controller steers towards kl_target with this batch's KL (fixed: no-op).
-        seq_kl = (ro.logprobs - ro.ref_logprobs).masked_fill(~ro.response_mask, 0.0).sum(-1)
-        self.kl_ctl.update(self.global_mean(seq_kl), n_steps=ro.size * self.trainer.world_size)
+        # The adaptive KL controller steers towards kl_target with this batch's KL, measured with
+        # algo.kl_estimator like the penalty it scales (fixed controller: no-op).
+        self.kl_ctl.update(self.global_mean(self.sequence_kl(ro)), n_steps=ro.size * self.trainer.world_size)
         train_stats = self.update(ro, step)
         self._sync()
         times["time/update_s"] = time.perf_counter() - t2
@@ -518,13 +571,16 @@ class RLStageModule(StageModule):
             self.log_rollout_samples(ro, step)
 
     def rollout_metrics(self, ro: Rollout) -> dict[str, Tensor]:
-        m = ro.response_mask
-        seq_kl = (ro.logprobs - ro.ref_logprobs).masked_fill(~m, 0.0).sum(-1)
         metrics = {
             "rollout/reward_mean": self.global_mean(ro.raw_scores),
             "rollout/reward_std": self.global_std(ro.raw_scores),
             "rollout/score_mean": self.global_mean(ro.scores),  # after EOS penalty and clipping
-            "rollout/kl": self.global_mean(seq_kl),  # sum over tokens of log pi - log pi_ref, mean over responses
+            # KL to the reference in nats per response (sum over its tokens, mean over responses):
+            # rollout/kl with algo.kl_estimator (what the penalty and the controller use), and
+            # with k1 and k3 named, comparable across runs whatever the setting.
+            "rollout/kl": self.global_mean(self.sequence_kl(ro)),
+            "rollout/kl_k1": self.global_mean(self.sequence_kl(ro, "k1")),
+            "rollout/kl_k3": self.global_mean(self.sequence_kl(ro, "k3")),
             "rollout/entropy": self.global_mean(ro.entropy),
             "rollout/response_len": self.global_mean(ro.lengths().float()),
             "rollout/eos_frac": self.global_mean(ro.ended.float()),
@@ -690,6 +746,20 @@ def check_rl_config(cfg) -> None:
           f"algo.max_prompt_tokens={a.max_prompt_tokens} + max new tokens = {longest} exceeds model.max_seq_len="
           f"{cfg.model.max_seq_len}: lower algo.max_prompt_tokens or algo.max_new_tokens")
     check(a.kl_estimator in ("k1", "k2", "k3"), f"algo.kl_estimator={a.kl_estimator!r}: use k1, k2 or k3")
+    check(a.top_k is None and a.top_p is None,
+          f"algo.top_k={a.top_k} / algo.top_p={a.top_p}: RL samples from the full softmax at algo.temperature "
+          "(the old, reference and new log-probs, the ratios and the KL are computed under it; a filtered "
+          "sampler would make them wrong): set algo.top_k=null and algo.top_p=null, and use algo.temperature")
+    check(a.clip_eps is not None or (a.ppo_epochs == 1 and a.minibatch_size == rows),
+          f"algo.clip_eps=null is the plain (on-policy) policy gradient: it has no importance ratio, so it "
+          f"allows one optimizer update per rollout, but algo.ppo_epochs={a.ppo_epochs} and "
+          f"algo.minibatch_size={a.minibatch_size} of {rows} responses give "
+          f"{a.ppo_epochs * max(rows // max(a.minibatch_size, 1), 1)} updates, all but the first on stale samples: "
+          f"set algo.minibatch_size={rows} and algo.ppo_epochs=1 (accumulate with algo.micro_batch_size), "
+          "or set algo.clip_eps (e.g. 0.2) for the clipped surrogate")
+    check(a.loss_agg in LOSS_AGGS, f"algo.loss_agg={a.loss_agg!r}: use one of {', '.join(LOSS_AGGS)}")
+    check(a.loss_agg_const is None or a.loss_agg_const > 0,
+          f"algo.loss_agg_const={a.loss_agg_const} must be > 0 (or null: algo.max_new_tokens)")
     check(cfg.trainer.accumulate_grad_batches == 1,
           "trainer.accumulate_grad_batches must be 1 for RL stages: accumulation is algo.minibatch_size / "
           "algo.micro_batch_size")
