@@ -65,10 +65,15 @@ def relative_difference(a: dict, b: dict) -> float:
     return diff / norm
 
 
-@pytest.mark.parametrize("algo", ALGOS)
-def test_the_gradient_of_an_update_does_not_depend_on_the_micro_batch_split(algo, rl_assets, tmp_path_factory):
-    whole = captured_update(algo, ROWS, rl_assets, tmp_path_factory)
-    split = captured_update(algo, ROWS // 4, rl_assets, tmp_path_factory)
+DR_GRPO = ("algo.scale_rewards=false", "algo.loss_agg=seq-mean-token-sum-norm")
+
+
+@pytest.mark.parametrize("algo, extra", [(a, ()) for a in ALGOS] + [("grpo", DR_GRPO)],
+                         ids=[*ALGOS, "dr-grpo"])
+def test_the_gradient_of_an_update_does_not_depend_on_the_micro_batch_split(algo, extra, rl_assets,
+                                                                            tmp_path_factory):
+    whole = captured_update(algo, ROWS, rl_assets, tmp_path_factory, *extra)
+    split = captured_update(algo, ROWS // 4, rl_assets, tmp_path_factory, *extra)
     ro_a, ro_b = whole["module"].last_rollout, split["module"].last_rollout
     assert torch.equal(ro_a.sequences, ro_b.sequences), "the same rollout"
     lengths = ro_a.lengths()

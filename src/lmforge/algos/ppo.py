@@ -56,6 +56,7 @@ from lmforge.checkpoint import (
     submodule_state,
 )
 from lmforge.model import ScalarModel
+from lmforge.rewards import RewardModelSource, normalized_head
 from lmforge.rl import (
     explained_variance,
     gae_advantages,
@@ -105,17 +106,18 @@ class PPOModule(RLStageModule):
             nn.init.zeros_(self.value_head.bias)
 
     def init_critic(self, path: str) -> None:
-        """The critic from a reward model (its head rescaled by the reward normalization, so it
-        predicts normalized rewards) or from a language model's backbone with a zero head."""
+        """The critic from a reward model (its head with the reward normalization folded in,
+        `lmforge.rewards.normalized_head`, so it predicts the normalized reward the policy is
+        trained on) or from a language model's backbone with a zero head."""
         ckpt = load_checkpoint(path)
         require_stage(ckpt, ("reward", "pretrain", "sft", "ppo"), "algo.critic_from")
         critic = ScalarModel(replace(ckpt.model_config, dropout=0.0))
         if ckpt.stage == "reward":
             load_matching(critic, submodule_state(ckpt.state_dict, "model"), f"algo.critic_from={path}")
-            mean, std = self._reward_normalization(path, ckpt)
+            weight, bias = normalized_head(self._reward_source(path, ckpt))
             with torch.no_grad():
-                critic.head.weight.div_(std)
-                critic.head.bias.sub_(mean).div_(std)
+                critic.head.weight.copy_(weight)
+                critic.head.bias.copy_(bias)
         else:
             load_matching(critic.backbone, submodule_state(ckpt.state_dict, "model.backbone"),
                           f"algo.critic_from={path}")
@@ -127,12 +129,14 @@ class PPOModule(RLStageModule):
         self.critic = critic
         self.lineage["critic_from"] = str(path)
 
-    def _reward_normalization(self, path: str, ckpt) -> tuple[float, float]:
+    def _reward_source(self, path: str, ckpt) -> RewardModelSource:
+        """The reward source `path` is (normalized as it scores), else the checkpoint as a source
+        normalized by its own stored statistics (unnormalized when it has none)."""
         for rm in self.reward.reward_models:
             if rm.path == str(path):
-                return rm.mean, rm.std
-        stats = ckpt.meta.get("reward_stats") or {}
-        return float(stats.get("mean", 0.0)), float(stats.get("std", 1.0)) or 1.0
+                return rm
+        return RewardModelSource(path, tokenizer=self.tokenizer, normalize=bool(ckpt.meta.get("reward_stats")),
+                                 name="critic")
 
     # -- networks ------------------------------------------------------------------------------
     def policy_forward(self, sequences, attention_mask, prompt_len, values: bool = True):
