@@ -2,7 +2,8 @@
 the LightningModule skeleton of one RL iteration. ppo.py and pg.py (REINFORCE, RLOO, GRPO)
 differ only in how they turn a scored rollout into advantages and a loss.
 
-Not a stage itself (no CONFIG): the stage modules import it.
+Not a stage itself (no CONFIG): the stage modules import it. The shared config (`RLConfig`) and
+its start-up check (`check_rl_config`) are in rl_config.py.
 
 One RL iteration = one `training_step` = one trainer step:
 
@@ -16,6 +17,41 @@ One RL iteration = one `training_step` = one trainer step:
    temperature; for synthetic data the ground-truth judge score of every response;
 3. update: `ppo_epochs` passes over the rollout in shuffled minibatches of `minibatch_size`
    sequences, each one optimizer update accumulated over micro-batches of `micro_batch_size`.
+
+The bookkeeping of an update (`update`), each in one place:
+
+- Loss normalization. Before an update's first micro-batch, `update_norm` counts its real
+  response tokens and sequences on every rank (one all-reduce) and divides them by the number
+  of ranks, because DDP AVERAGES the ranks' gradients. Each micro-batch's loss is its token (or
+  sequence) SUM over those denominators (`lmforge.rl.losses.aggregate`, `algo.loss_agg`), so
+  the summed gradients are those of one loss over the whole update: the same for any
+  `micro_batch_size` and any number of ranks. The logged train/* figures are built the same
+  way: summed over an update's micro-batches, averaged over its updates and ranks.
+- Accumulation by hand (manual optimization): backward per micro-batch, DDP's gradient sync
+  only at the last one (`opt.toggle_model(sync_grad=...)`), then gradient clipping and one
+  optimizer step. Lightning counts every `LightningOptimizer.step()` as a global step, so all
+  but the iteration's last update call `trainer.strategy.optimizer_step(opt, closure=lambda:
+  None)` instead (`_optimizer_step`): the same precision plugin and strategy step, no counter;
+  the closure is a no-op because the gradients are already there.
+- PPO-ptx (`ptx_coef > 0`): `ptx_coef` x the mean SFT loss of ONE batch of SFT pairs is added
+  to the last micro-batch's loss of every update, so it counts once per update whatever the
+  split.
+- Frozen models. The reference policy (`ref_model`) and the reward models are used, never
+  trained nor saved: `ref_model` is set with `object.__setattr__` (`_set_hidden`) so it is not
+  a submodule (out of the state dict, the optimizer, DDP and FSDP, and Lightning's device moves),
+  and `_frozen_to_device` moves it and the reward models to the policy's device in the hooks
+  that use them first (`on_train_start`, `training_step`, `on_validation_epoch_start`).
+- Temperature. Rollouts sample from softmax(logits / temperature); every log-prob (old,
+  reference, new) and the rollout entropy are computed from `tempered(logits)` (through
+  `token_logprobs`), so ratios start at exactly 1 and the KL compares the distributions
+  sampled. top_k / top_p filters are refused (`check_rl_config`): the log-probs would not be
+  those of the filtered sampler. Held-out evaluation is greedy by default (`eval_temperature`).
+- KL. One per-token estimator, `algo.kl_estimator`, for the penalty in the reward (PPO,
+  REINFORCE, RLOO) or the loss term (GRPO), the adaptive controller, and `rollout/kl`;
+  `rollout/kl_k1` and `rollout/kl_k3` are logged by name; `val/kl` is the exact KL of the
+  held-out responses' next-token distributions (`token_kl`).
+- On-policy. With `clip_eps: null` (the plain policy gradient, no importance ratio) an
+  iteration makes exactly one update (`ppo_epochs: 1`, `minibatch_size` = the rollout's rows).
 
 Step accounting: trainer.max_steps, trainer.eval_every, trainer.log_every, the learning-rate
 schedule and resume all count RL ITERATIONS (rollout batches), not optimizer updates. Lightning
@@ -35,20 +71,19 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from lmforge.algos.base import StageModule, check_vocab, model_config
+from lmforge.algos.rl_config import RLConfig, check_rl_config
 from lmforge.checkpoint import check_compatible, load_checkpoint, require_stage
 from lmforge.fault import collapse_warning
 from lmforge.model import generate
-from lmforge.optim import OptimConfig
-from lmforge.rewards import RewardFunction, RLRewardConfig, ScoringBatch, build_reward
+from lmforge.rewards import RewardFunction, ScoringBatch, build_reward
 from lmforge.rl import (
-    LOSS_AGGS,
     AdaptiveKLController,
     FixedKLController,
     LossNorm,
@@ -65,66 +100,6 @@ log = logging.getLogger(__name__)
 
 # Checkpoint stages a policy may start from: a language model, never a reward model.
 POLICY_STAGES = ("pretrain", "sft", "ppo", "reinforce", "rloo", "grpo")
-
-
-def _rl_optim() -> OptimConfig:
-    # A small constant LR after a short warmup (Adam's first steps move every weight by ~lr
-    # whatever its gradient), no weight decay pulling the policy away from the SFT model; the
-    # module clips the gradient norm to grad_clip itself (manual optimization).
-    return OptimConfig(lr=1e-5, weight_decay=0.0, warmup_steps=5, min_lr_ratio=1.0, grad_clip=1.0)
-
-
-@dataclass
-class RLConfig:
-    """Fields every RL stage shares (algo.*). Batch sizes are per rank."""
-
-    name: str = "?"
-    reward: RLRewardConfig = field(default_factory=RLRewardConfig)
-    # The frozen reference the KL is measured against; default: init_from.
-    ref_from: Optional[str] = None
-    # -- rollouts
-    rollout_batch_size: int = 32  # prompts per rank and iteration
-    samples_per_prompt: int = 1  # responses per prompt (RLOO/GRPO groups: >= 2)
-    max_new_tokens: int = 16
-    # Decode with a static-shape KV cache (every step attends over all columns): lets a compiled
-    # policy (compile=true) reuse one compiled decode step; slower in eager mode.
-    static_cache: bool = False
-    max_prompt_tokens: int = 96  # longer prompts lose tokens from the left
-    temperature: float = 1.0
-    top_k: Optional[int] = None
-    top_p: Optional[float] = None
-    # -- reward shaping
-    missing_eos_penalty: float = 0.0  # subtracted from the score of a response cut at max_new_tokens
-    reward_clip: float = 0.0  # clip scores to [-reward_clip, reward_clip]; 0 = off
-    kl_coef: float = 0.05  # beta (GRPO: the KL loss coefficient)
-    kl_estimator: str = "k1"  # k1 | k2 | k3, per token (lmforge.rl.kl)
-    adaptive_kl: bool = False  # Ziegler et al.'s proportional controller towards kl_target
-    kl_target: float = 6.0  # nats per sequence
-    kl_horizon: int = 10000  # samples
-    # -- updates
-    ppo_epochs: int = 1
-    minibatch_size: int = 32  # sequences per optimizer update
-    micro_batch_size: int = 32  # sequences per forward/backward (accumulation = minibatch / micro)
-    clip_eps: Optional[float] = 0.2  # ratio clipping; null = plain policy gradient (REINFORCE/RLOO)
-    # How per-token policy losses become the update's loss (lmforge.rl.losses.aggregate), always
-    # over the whole update (every micro-batch, every rank): token-mean | seq-mean-token-mean
-    # (DeepSeekMath GRPO) | seq-mean-token-sum-norm (Dr. GRPO: token sums / loss_agg_const).
-    loss_agg: str = "token-mean"
-    loss_agg_const: Optional[float] = None  # seq-mean-token-sum-norm's divisor; null = max_new_tokens
-    whiten_advantages: bool = False
-    optim: OptimConfig = field(default_factory=_rl_optim)
-    # -- PPO-ptx: + ptx_coef * SFT language-modeling loss on the source's SFT pairs
-    ptx_coef: float = 0.0
-    ptx_batch_size: int = 8
-    ptx_seq_len: int = 128
-    # -- held-out evaluation (every trainer.eval_every iterations) and samples
-    eval_prompts: int = 128
-    eval_batch_size: int = 64
-    eval_temperature: float = 0.0  # 0 = greedy
-    eval_max_new_tokens: int = 16
-    eval_at_start: bool = True  # evaluate the initial policy too (logged at step 0)
-    sample_every: int = 10  # a table of rollouts every this many iterations (0 = never)
-    n_samples: int = 4
 
 
 # ============================================================================ tensors
@@ -715,56 +690,6 @@ class RLStageModule(StageModule):
 
 
 # ============================================================================ building
-
-
-def check_rl_config(cfg) -> None:
-    """Refuse RL settings that cannot work, naming the key to change."""
-    from lmforge.config import ConfigError
-
-    a = cfg.algo
-    rows = a.rollout_batch_size * a.samples_per_prompt
-
-    def check(ok: bool, msg: str) -> None:
-        if not ok:
-            raise ConfigError(msg)
-
-    check(cfg.init_from is not None,
-          f"algo={a.name} improves an existing language model: set init_from=<an SFT (or pretraining) checkpoint>")
-    check(a.rollout_batch_size > 0 and a.samples_per_prompt > 0 and a.minibatch_size > 0 and a.micro_batch_size > 0,
-          "algo.rollout_batch_size, samples_per_prompt, minibatch_size and micro_batch_size must be positive")
-    check(rows % a.minibatch_size == 0,
-          f"algo.rollout_batch_size * algo.samples_per_prompt = {rows} responses per iteration must be a multiple "
-          f"of algo.minibatch_size={a.minibatch_size}")
-    check(a.minibatch_size % a.micro_batch_size == 0,
-          f"algo.minibatch_size={a.minibatch_size} must be a multiple of algo.micro_batch_size={a.micro_batch_size}")
-    check(a.ppo_epochs >= 1, f"algo.ppo_epochs={a.ppo_epochs} must be >= 1")
-    check(a.temperature > 0, f"algo.temperature={a.temperature} must be > 0 for RL sampling (0 would be greedy: "
-                             "no exploration, and log-probs at temperature 0 are undefined)")
-    check(a.max_new_tokens >= 1 and a.eval_max_new_tokens >= 1, "algo.max_new_tokens and eval_max_new_tokens must be >= 1")
-    longest = a.max_prompt_tokens + max(a.max_new_tokens, a.eval_max_new_tokens)
-    check(longest <= cfg.model.max_seq_len,
-          f"algo.max_prompt_tokens={a.max_prompt_tokens} + max new tokens = {longest} exceeds model.max_seq_len="
-          f"{cfg.model.max_seq_len}: lower algo.max_prompt_tokens or algo.max_new_tokens")
-    check(a.kl_estimator in ("k1", "k2", "k3"), f"algo.kl_estimator={a.kl_estimator!r}: use k1, k2 or k3")
-    check(a.top_k is None and a.top_p is None,
-          f"algo.top_k={a.top_k} / algo.top_p={a.top_p}: RL samples from the full softmax at algo.temperature "
-          "(the old, reference and new log-probs, the ratios and the KL are computed under it; a filtered "
-          "sampler would make them wrong): set algo.top_k=null and algo.top_p=null, and use algo.temperature")
-    check(a.clip_eps is not None or (a.ppo_epochs == 1 and a.minibatch_size == rows),
-          f"algo.clip_eps=null is the plain (on-policy) policy gradient: it has no importance ratio, so it "
-          f"allows one optimizer update per rollout, but algo.ppo_epochs={a.ppo_epochs} and "
-          f"algo.minibatch_size={a.minibatch_size} of {rows} responses give "
-          f"{a.ppo_epochs * max(rows // max(a.minibatch_size, 1), 1)} updates, all but the first on stale samples: "
-          f"set algo.minibatch_size={rows} and algo.ppo_epochs=1 (accumulate with algo.micro_batch_size), "
-          "or set algo.clip_eps (e.g. 0.2) for the clipped surrogate")
-    check(a.loss_agg in LOSS_AGGS, f"algo.loss_agg={a.loss_agg!r}: use one of {', '.join(LOSS_AGGS)}")
-    check(a.loss_agg_const is None or a.loss_agg_const > 0,
-          f"algo.loss_agg_const={a.loss_agg_const} must be > 0 (or null: algo.max_new_tokens)")
-    check(cfg.trainer.accumulate_grad_batches == 1,
-          "trainer.accumulate_grad_batches must be 1 for RL stages: accumulation is algo.minibatch_size / "
-          "algo.micro_batch_size")
-    check(a.clip_eps is None or a.clip_eps > 0, f"algo.clip_eps={a.clip_eps} must be > 0 (or null)")
-    check(a.missing_eos_penalty >= 0 and a.reward_clip >= 0, "algo.missing_eos_penalty and algo.reward_clip must be >= 0")
 
 
 def build_rl_stage(cfg, run_dir, module_cls, **module_kwargs):
