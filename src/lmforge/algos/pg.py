@@ -11,13 +11,21 @@ the advantage and the loss:
   minus a moving-average baseline of past batches' mean return (`baseline_momentum`);
 * RLOO (Kool et al., 2019; Ahmadian et al., 2024): `samples_per_prompt` = k responses per prompt;
   sequence reward R = score - beta * sum_t KL_t; advantage R_i - mean_{j != i} R_j (leave one out);
-* GRPO (Shao et al., 2024): k responses per prompt; advantage (r_i - mean(group)) / std(group)
-  (`scale_rewards: false` drops the division, Dr. GRPO); the KL to the reference is a loss term
-  (k3, coefficient kl_coef), not part of the reward.
+* GRPO (Shao et al., 2024): k responses per prompt; advantage (r_i - mean(group)) / std(group);
+  the KL to the reference is a loss term (`kl_estimator`, default k3 as in the paper; k2 also
+  works; k1 is refused: its expected gradient as a loss is 0; coefficient kl_coef), not part of
+  the reward. Defaults as in DeepSeekMath: `scale_rewards: true`, `loss_agg:
+  seq-mean-token-mean` (mean over each response's tokens, then over the update's responses).
+  Dr. GRPO (Liu et al., 2025) removes both biases: `scale_rewards=false` (no division by the
+  group's std) and `loss_agg=seq-mean-token-sum-norm` (token sums / `loss_agg_const`, default
+  max_new_tokens: a short response's tokens no longer weigh more).
 
-Loss: with `clip_eps: null` the plain policy gradient -mean(A * log pi) (REINFORCE and RLOO
-default, one pass over the rollout); with a number the clipped surrogate, which several
-`ppo_epochs` need (GRPO default). No critic: the checkpoint is the policy alone.
+Loss: with `clip_eps: null` the plain policy gradient -A * log pi (REINFORCE and RLOO default),
+on-policy only: no importance ratio, so exactly one update per rollout (`ppo_epochs: 1`,
+`minibatch_size` = rows; check_rl_config refuses more); with a number the clipped surrogate,
+which several updates per rollout need (GRPO default). Aggregated by `loss_agg` (REINFORCE and
+RLOO: token-mean) over the whole update, whatever the micro-batch split (rollout.py). No critic:
+the checkpoint is the policy alone.
 """
 
 from __future__ import annotations

@@ -11,12 +11,16 @@ Each iteration (rollout.py has the shared part: sampling, scoring, log-probs, st
    -beta * (log pi - log pi_ref) on every token (`lmforge.rl.token_rewards`); beta is fixed or
    follows the adaptive controller of Ziegler et al. (2019) towards `kl_target`;
 3. values from the critic -- a ScalarModel initialized from the reward model (`critic:
-   reward_model`, its head rescaled so it starts by predicting the NORMALIZED reward) or a value
+   reward_model`, its head rescaled by `rewards.normalized_head` so it starts by predicting the
+   NORMALIZED reward: the reward model's score standardized with the statistics stored by the
+   reward stage, measured on its validation pairs, not on this policy's samples) or a value
    head on the policy's own hidden states (`critic: policy_head`);
 4. GAE (gamma=1, lambda=0.95), advantages whitened over the batch's real tokens;
 5. `ppo_epochs` passes of shuffled minibatches: clipped surrogate (eps=0.2), clipped value
-   loss * vf_coef, optional entropy bonus, optional PPO-ptx SFT loss; gradient accumulation
-   over micro-batches; gradient-norm clipping.
+   loss * vf_coef, optional entropy bonus, optional PPO-ptx SFT loss, each a token mean over the
+   whole update (every micro-batch and rank: the gradient does not depend on micro_batch_size
+   or the number of ranks; `loss_agg` for the policy loss); gradient accumulation over
+   micro-batches; gradient-norm clipping.
 
 The details follow "The N Implementation Details of RLHF with PPO" (Huang et al., 2023):
 log-probs recomputed from logits divided by the sampling temperature, everything after the
