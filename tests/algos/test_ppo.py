@@ -173,6 +173,36 @@ def test_a_reward_model_critic_starts_by_predicting_the_normalized_reward(rl_ass
     assert module.critic.head.weight.requires_grad  # trained, unlike the reward model
 
 
+def test_reward_stats_measured_on_the_initial_policys_samples(rl_assets, tmp_path):
+    """algo.reward_stats_from=policy: the reward model is normalized by the mean and std of its raw
+    scores of the initial policy's responses (not the stored 0.5 / 2.0), and the critic's head
+    folds in those statistics."""
+    from lmforge.algos.ppo import build
+    from lmforge.algos.rollout import sample_rollout, scoring_batch, seed_for
+    from lmforge.rewards import RewardModelSource
+
+    rm_path = make_reward_checkpoint(tmp_path / "rm.ckpt", rl_assets["tokenizer"], mean=0.5, std=2.0, head_bias=3.0)
+    cfg = rl_config("ppo", rl_assets, tmp_path / "run", f"algo.reward.model={rm_path}",
+                    "algo.reward_stats_from=policy", "algo.reward_stats_prompts=8", "algo.temperature=0.8",
+                    "algo.eval_batch_size=8")  # one batch of samples
+    module, dm = build(cfg, tmp_path / "run")
+    rm = module.reward.reward_models[0]
+    # The same samples again: 8 prompts, one response each, the documented seed and temperature.
+    with torch.no_grad():
+        ro = sample_rollout(module.model, dm.train_prompts[:8], module.tokenizer, max_new_tokens=cfg.algo.max_new_tokens,
+                            temperature=0.8, generator=torch.Generator().manual_seed(seed_for(cfg.seed, "reward-stats", 0, 0)))
+        raw = RewardModelSource(rm_path, tokenizer=module.tokenizer, normalize=False).raw_scores(
+            scoring_batch(ro, module.tokenizer))
+    assert (rm.mean, rm.std) == (pytest.approx(float(raw.mean()), abs=1e-5),
+                                 pytest.approx(float(raw.std(unbiased=False)), rel=1e-4))
+    assert abs(rm.mean - 0.5) > 1e-3 and abs(rm.std - 2.0) > 1e-3
+    normalized = rm(scoring_batch(ro, module.tokenizer))
+    assert float(normalized.mean()) == pytest.approx(0.0, abs=1e-4)
+    x = torch.randint(3, cfg.model.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(module.critic(x), (rm.model(x) - rm.mean) / rm.std, atol=1e-5, rtol=1e-5)
+
+
 def test_a_reward_checkpoint_as_policy_is_refused_with_an_explanation(rl_assets, tmp_path):
     from lmforge.algos.ppo import build
 

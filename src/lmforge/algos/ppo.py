@@ -13,7 +13,8 @@ Each iteration (rollout.py has the shared part: sampling, scoring, log-probs, st
 3. values from the critic -- a ScalarModel initialized from the reward model (`critic:
    reward_model`, its head rescaled by `rewards.normalized_head` so it starts by predicting the
    NORMALIZED reward: the reward model's score standardized with the statistics stored by the
-   reward stage, measured on its validation pairs, not on this policy's samples) or a value
+   reward stage on its validation pairs, or with `reward_stats_from: policy` measured on the
+   initial policy's samples at the start of the run) or a value
    head on the policy's own hidden states (`critic: policy_head`);
 4. GAE (gamma=1, lambda=0.95), advantages whitened over the batch's real tokens;
 5. `ppo_epochs` passes of shuffled minibatches: clipped surrogate (eps=0.2), clipped value

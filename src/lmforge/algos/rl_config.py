@@ -38,6 +38,13 @@ class RLConfig:
     temperature: float = 1.0
     top_k: Optional[int] = None
     top_p: Optional[float] = None
+    # The mean and std that normalize each reward model's scores (normalize: true): reward_model
+    # = stored by the reward stage (its validation pairs); policy = measured at the start of RL on
+    # the initial policy's responses (one each, at `temperature`) to the first
+    # `reward_stats_prompts` training prompts (Huang et al., 2023). The PPO critic's initial
+    # head folds in the same statistics.
+    reward_stats_from: str = "reward_model"
+    reward_stats_prompts: int = 256
     # -- reward shaping
     missing_eos_penalty: float = 0.0  # subtracted from the score of a response cut at max_new_tokens
     reward_clip: float = 0.0  # clip scores to [-reward_clip, reward_clip]; 0 = off
@@ -112,6 +119,10 @@ def check_rl_config(cfg) -> None:
           f"{a.ppo_epochs * max(rows // max(a.minibatch_size, 1), 1)} updates, all but the first on stale samples: "
           f"set algo.minibatch_size={rows} and algo.ppo_epochs=1 (accumulate with algo.micro_batch_size), "
           "or set algo.clip_eps (e.g. 0.2) for the clipped surrogate")
+    check(a.reward_stats_from in ("reward_model", "policy"),
+          f"algo.reward_stats_from={a.reward_stats_from!r}: use reward_model (the reward stage's stored statistics) "
+          "or policy (measured on the initial policy's samples)")
+    check(a.reward_stats_prompts >= 2, f"algo.reward_stats_prompts={a.reward_stats_prompts} must be >= 2")
     check(a.loss_agg in LOSS_AGGS, f"algo.loss_agg={a.loss_agg!r}: use one of {', '.join(LOSS_AGGS)}")
     check(a.loss_agg_const is None or a.loss_agg_const > 0,
           f"algo.loss_agg_const={a.loss_agg_const} must be > 0 (or null: algo.max_new_tokens)")

@@ -8,7 +8,7 @@ its start-up check (`check_rl_config`) are in rl_config.py.
 One RL iteration = one `training_step` = one trainer step:
 
 1. generate: `rollout_batch_size` prompts per rank, each sampled `samples_per_prompt` times,
-   batched with the KV cache (`lmforge.model.generate`: temperature, top-k, top-p, stop at EOS;
+   batched with the KV cache (`lmforge.model.generate`: temperature, stop at EOS;
    prompts of different lengths left-padded in one batch); everything after a row's first EOS
    is masked out;
 2. score: the reward sources (reward models, callables; `lmforge.rewards`), the missing-EOS
@@ -29,10 +29,12 @@ The bookkeeping of an update (`update`), each in one place:
   way: summed over an update's micro-batches, averaged over its updates and ranks.
 - Accumulation by hand (manual optimization): backward per micro-batch, DDP's gradient sync
   only at the last one (`opt.toggle_model(sync_grad=...)`), then gradient clipping and one
-  optimizer step. Lightning counts every `LightningOptimizer.step()` as a global step, so all
-  but the iteration's last update call `trainer.strategy.optimizer_step(opt, closure=lambda:
-  None)` instead (`_optimizer_step`): the same precision plugin and strategy step, no counter;
-  the closure is a no-op because the gradients are already there.
+  optimizer step. Step accounting: trainer.max_steps, eval_every, log_every, the LR schedule and
+  resume count RL ITERATIONS, not updates (ppo_epochs * rows / minibatch_size per iteration;
+  `train/updates` logs the total). Lightning counts every `LightningOptimizer.step()` as a
+  global step, so all but the iteration's last update call `trainer.strategy.optimizer_step(opt,
+  closure=lambda: None)` instead (`_optimizer_step`): the same precision plugin and strategy
+  step minus the counter; the closure is a no-op because the gradients are already there.
 - PPO-ptx (`ptx_coef > 0`): `ptx_coef` x the mean SFT loss of ONE batch of SFT pairs is added
   to the last micro-batch's loss of every update, so it counts once per update whatever the
   split.
@@ -52,13 +54,6 @@ The bookkeeping of an update (`update`), each in one place:
   held-out responses' next-token distributions (`token_kl`).
 - On-policy. With `clip_eps: null` (the plain policy gradient, no importance ratio) an
   iteration makes exactly one update (`ppo_epochs: 1`, `minibatch_size` = the rollout's rows).
-
-Step accounting: trainer.max_steps, trainer.eval_every, trainer.log_every, the learning-rate
-schedule and resume all count RL ITERATIONS (rollout batches), not optimizer updates. Lightning
-counts every `LightningOptimizer.step()` as a global step under manual optimization, so all but
-the last update of an iteration go straight through `trainer.strategy.optimizer_step` (the same
-call minus the step counter: precision plugins and strategies behave identically). An iteration
-makes ppo_epochs * (rollout rows / minibatch_size) updates; `train/updates` logs the total.
 
 Alignment: the causal LM's output at position t predicts token t+1, so the response tokens at
 columns [P, P+N) are scored by the logits at [P-1, P+N-1) (`response_logits`).
@@ -287,6 +282,31 @@ class RLStageModule(StageModule):
         self._set_hidden("ref_model", ref.eval().requires_grad_(False))
         for i, rm in enumerate(self.reward.reward_models):
             self.lineage["reward_model" if i == 0 else f"reward_model_{i + 1}"] = rm.path
+
+    @torch.no_grad()
+    def measure_reward_stats(self, prompts: list) -> dict[str, tuple[float, float]]:
+        """Normalize every reward model (normalize: true) by the mean and population std of its raw
+        scores of the CURRENT policy's responses to `prompts` (one each, at the sampling
+        temperature, a fixed seed: the same on every rank); returns {source: (mean, std)}."""
+        algo = self.cfg.algo
+        rms = [rm for rm in self.reward.reward_models if rm.normalize]
+        raw: dict[str, list[Tensor]] = {rm.name: [] for rm in rms}
+        gen = torch.Generator(device=self.device).manual_seed(seed_for(self.cfg.seed, "reward-stats", 0, 0))
+        for i in range(0, len(prompts) if rms else 0, algo.eval_batch_size):
+            with gathered_for_generation(self.model):
+                ro = sample_rollout(self.model, prompts[i : i + algo.eval_batch_size], self.tokenizer,
+                                    max_new_tokens=algo.max_new_tokens, temperature=algo.temperature, generator=gen)
+            for rm in rms:
+                raw[rm.name].append(rm.raw_scores(scoring_batch(ro, self.tokenizer)).float().cpu())
+        stats = {}
+        for rm in rms:
+            r = torch.cat(raw[rm.name])
+            std = float(r.std(unbiased=False))
+            rm.mean, rm.std = float(r.mean()), std if std > 0 else 1.0
+            stats[rm.name] = (rm.mean, rm.std)
+            log.info("reward %s normalized by the initial policy's samples (%d): mean=%.4g std=%.4g", rm.name,
+                     r.numel(), rm.mean, rm.std)
+        return stats
 
     def _frozen_to_device(self) -> None:
         if self.ref_model is not None and next(self.ref_model.parameters()).device != self.device:
@@ -714,6 +734,8 @@ def build_rl_stage(cfg, run_dir, module_cls, **module_kwargs):
                           ptx_batch_size=algo.ptx_batch_size, ptx_seq_len=algo.ptx_seq_len)
     dm.prepare_data()
     module.eval_prompts = dm.eval_prompts
+    if algo.reward_stats_from == "policy":
+        module.measure_reward_stats(dm.train_prompts[: algo.reward_stats_prompts])
     if algo.ptx_coef > 0:
         module.ptx_data = dm
     return module, dm
