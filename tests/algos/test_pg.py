@@ -153,3 +153,26 @@ def test_unworkable_settings_are_refused_naming_the_key(algo, overrides, message
                     "algo.reward.sources=[{_target_:lmforge.data.synthetic.ground_truth_reward}]", *overrides)
     with pytest.raises(ConfigError, match=message):
         build(cfg, tmp_path / "run")
+
+
+@pytest.mark.parametrize("estimator", ["k2", "k3"])
+def test_grpo_module_loss_uses_the_configured_kl_estimator(estimator, rl_assets, tmp_path):
+    """GRPOModule.loss's KL term (logged train/kl) is algo.kl_estimator's, with the loss's aggregation:
+    a reference 0.3 nats below the sampling policy on every token gives k2 = 0.045, k3 = 0.0408."""
+    import math
+
+    import torch
+
+    from lmforge.algos.pg import build
+
+    cfg = rl_config("grpo", rl_assets, tmp_path / "run", "algo.samples_per_prompt=2", "algo.rollout_batch_size=2",
+                    f"algo.kl_estimator={estimator}",
+                    "algo.reward.sources=[{_target_:lmforge.data.synthetic.ground_truth_reward}]")
+    module, dm = build(cfg, tmp_path / "run")
+    ro, _ = module.make_rollout(dm.train_prompts[:2], step=0)
+    module.compute_advantages(ro)
+    mb = module.take(module.minibatch_fields(ro), torch.arange(ro.size), ro.prompt_len)
+    mb["ref_logprobs"] = mb["old_logprobs"] - 0.3
+    _, stats = module.loss(mb)
+    expected = {"k2": 0.5 * 0.3 ** 2, "k3": math.exp(-0.3) - 1 + 0.3}[estimator]  # every token, so every mean
+    assert float(stats["kl"]) == pytest.approx(expected, rel=1e-4)
