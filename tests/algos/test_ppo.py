@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared RL helpers
 
 from conftest import ROOT, train_py_cmd
-from test_rollout import build_rl_assets, logprob_change, rl_config, toy_update
+from test_rollout import build_rl_assets, logprob_change, make_reward_checkpoint, rl_config, toy_update
 
 from lmforge.checkpoint import (
     CheckpointError,
@@ -51,12 +51,28 @@ def test_one_ppo_iteration_raises_the_probability_of_rewarded_responses(rl_asset
     assert module.value_head is not None and module.critic is None
 
 
+def check_val_gt_score(cfg, result) -> None:
+    """The final val/gt_score is the judge's mean score of the final policy's greedy answers to the
+    held-out prompts, recomputed here from the saved checkpoint."""
+    from lmforge.algos.ppo import build
+    from lmforge.data.synthetic import judge_batch
+
+    module, _ = build(cfg, Path(cfg.run_dir))
+    load_matching(module.model, submodule_state(load_checkpoint(result["last_checkpoint"]).state_dict, "model"),
+                  "last.ckpt")
+    module.model.eval()
+    sums, examples = module.evaluate_prompts(module.eval_prompts)
+    assert len(examples) == len(module.eval_prompts) == cfg.algo.eval_prompts
+    gt = judge_batch([p.raw for p in module.eval_prompts], [e["sample"] for e in examples])
+    assert result["metrics"]["val/gt_score"] == pytest.approx(sum(gt) / len(gt), abs=1e-6)
+
+
 def test_ppo_with_a_reward_model_critic_is_deterministic(rl_assets, tmp_path):
     def run(name: str) -> list[dict]:
         cfg = rl_config("ppo", rl_assets, tmp_path / name, "logger=csv", f"algo.reward.model={rl_assets['reward']}",
                         "algo.adaptive_kl=true", "algo.kl_target=0.01", "algo.kl_horizon=100")
         result = main(cfg)
-        assert result["metrics"]["val/gt_score"] >= 0
+        check_val_gt_score(cfg, result)
         return read_metrics(Path(cfg.run_dir))
 
     a, b = run("a"), run("b")
@@ -98,6 +114,95 @@ def test_ppo_checkpoint_is_a_loadable_policy_with_lineage(rl_assets, tmp_path):
                    "trainer.max_steps=1", "trainer.eval_every=100", "algo.eval_at_start=false"))
 
 
+def ppo_module(rl_assets, run_dir, *overrides):
+    from lmforge.algos.ppo import build
+
+    cfg = rl_config("ppo", rl_assets, run_dir, *overrides)
+    return build(cfg, run_dir)[0]
+
+
+def test_gae_through_the_module_uses_gamma_and_lambda_as_configured(rl_assets, tmp_path):
+    """PPOModule.compute_advantages on a hand-made rollout (one response of 3 tokens, no KL):
+    gamma=0.9, lam=0.5 give the hand-computed GAE; swapped they would not."""
+    from lmforge.algos.rollout import Rollout
+
+    module = ppo_module(rl_assets, tmp_path / "run", "algo.critic=policy_head", "algo.gamma=0.9", "algo.lam=0.5",
+                        "algo.whiten_advantages=false", "algo.kl_coef=0.5",
+                        "algo.reward.sources=[{_target_:lmforge.data.synthetic.ground_truth_reward}]")
+    ro = Rollout(prompts=[None], sequences=torch.zeros(1, 5, dtype=torch.long),
+                 attention_mask=torch.ones(1, 5, dtype=torch.bool), prompt_len=2,
+                 response_mask=torch.ones(1, 3, dtype=torch.bool), ended=torch.ones(1, dtype=torch.bool),
+                 responses=[""])
+    ro.scores = torch.tensor([1.0])
+    ro.logprobs = ro.ref_logprobs = torch.full((1, 3), -1.0)
+    ro.values = torch.tensor([[0.5, 0.2, 0.4]])
+    module.compute_advantages(ro)
+    # rewards (0, 0, 1); deltas: 1 - 0.4 = 0.6, 0.9 * 0.4 - 0.2 = 0.16, 0.9 * 0.2 - 0.5 = -0.32;
+    # A_t = delta_t + 0.9 * 0.5 * A_{t+1}
+    a2 = 0.6
+    a1 = 0.16 + 0.45 * a2
+    a0 = -0.32 + 0.45 * a1
+    torch.testing.assert_close(ro.advantages, torch.tensor([[a0, a1, a2]]))
+    torch.testing.assert_close(ro.returns, torch.tensor([[a0 + 0.5, a1 + 0.2, a2 + 0.4]]))
+    # The KL penalty enters every token's reward (k1 here: logp - ref = +0.2 on the first token).
+    ro.logprobs = torch.tensor([[-0.8, -1.0, -1.0]])
+    module.compute_advantages(ro)
+    torch.testing.assert_close(ro.advantages[0, 0], torch.tensor(a0 - 0.5 * 0.2))
+
+
+@pytest.mark.parametrize("critic_from", ["source", "other"])
+def test_a_reward_model_critic_starts_by_predicting_the_normalized_reward(rl_assets, tmp_path, critic_from):
+    """The critic's init folds the reward normalization into its head (rewards.normalized_head): its
+    value of any sequence is (raw reward - mean) / std of the reward model it comes from."""
+    from lmforge.rewards import RewardModelSource
+
+    rm_path = make_reward_checkpoint(tmp_path / "rm.ckpt", rl_assets["tokenizer"], mean=0.5, std=2.0, head_bias=3.0)
+    if critic_from == "source":
+        overrides = [f"algo.reward.model={rm_path}"]
+    else:  # a reward checkpoint that is not among the reward sources: normalized by its own stats
+        overrides = ["algo.reward.sources=[{_target_:lmforge.data.synthetic.ground_truth_reward}]",
+                     f"algo.critic_from={rm_path}"]
+    from lmforge.algos.ppo import build
+
+    cfg = rl_config("ppo", rl_assets, tmp_path / "run", *overrides)
+    module = build(cfg, tmp_path / "run")[0]
+    raw = RewardModelSource(rm_path, normalize=False).model
+    x = torch.randint(3, cfg.model.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(module.critic(x), (raw(x) - 0.5) / 2.0, atol=1e-5, rtol=1e-5)
+    assert module.critic.head.weight.requires_grad  # trained, unlike the reward model
+
+
+def test_reward_stats_measured_on_the_initial_policys_samples(rl_assets, tmp_path):
+    """algo.reward_stats_from=policy: the reward model is normalized by the mean and std of its raw
+    scores of the initial policy's responses (not the stored 0.5 / 2.0), and the critic's head
+    folds in those statistics."""
+    from lmforge.algos.ppo import build
+    from lmforge.algos.rollout import sample_rollout, scoring_batch, seed_for
+    from lmforge.rewards import RewardModelSource
+
+    rm_path = make_reward_checkpoint(tmp_path / "rm.ckpt", rl_assets["tokenizer"], mean=0.5, std=2.0, head_bias=3.0)
+    cfg = rl_config("ppo", rl_assets, tmp_path / "run", f"algo.reward.model={rm_path}",
+                    "algo.reward_stats_from=policy", "algo.reward_stats_prompts=8", "algo.temperature=0.8",
+                    "algo.eval_batch_size=8")  # one batch of samples
+    module, dm = build(cfg, tmp_path / "run")
+    rm = module.reward.reward_models[0]
+    # The same samples again: 8 prompts, one response each, the documented seed and temperature.
+    with torch.no_grad():
+        ro = sample_rollout(module.model, dm.train_prompts[:8], module.tokenizer, max_new_tokens=cfg.algo.max_new_tokens,
+                            temperature=0.8, generator=torch.Generator().manual_seed(seed_for(cfg.seed, "reward-stats", 0, 0)))
+        raw = RewardModelSource(rm_path, tokenizer=module.tokenizer, normalize=False).raw_scores(
+            scoring_batch(ro, module.tokenizer))
+    assert (rm.mean, rm.std) == (pytest.approx(float(raw.mean()), abs=1e-5),
+                                 pytest.approx(float(raw.std(unbiased=False)), rel=1e-4))
+    assert abs(rm.mean - 0.5) > 1e-3 and abs(rm.std - 2.0) > 1e-3
+    normalized = rm(scoring_batch(ro, module.tokenizer))
+    assert float(normalized.mean()) == pytest.approx(0.0, abs=1e-4)
+    x = torch.randint(3, cfg.model.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(module.critic(x), (rm.model(x) - rm.mean) / rm.std, atol=1e-5, rtol=1e-5)
+
+
 def test_a_reward_checkpoint_as_policy_is_refused_with_an_explanation(rl_assets, tmp_path):
     from lmforge.algos.ppo import build
 
@@ -113,6 +218,9 @@ def test_a_reward_checkpoint_as_policy_is_refused_with_an_explanation(rl_assets,
         (["trainer.accumulate_grad_batches=2"], "accumulate_grad_batches"),
         (["algo.minibatch_size=3"], "multiple of algo.minibatch_size"),
         (["algo.temperature=0"], "temperature"),
+        (["algo.top_k=5"], "algo.top_k=null and algo.top_p=null"),
+        (["algo.top_p=0.9"], "algo.top_k=null and algo.top_p=null"),
+        (["algo.loss_agg=mean"], "algo.loss_agg='mean'"),
         (["algo.critic=reward_model", "algo.reward.sources=[{_target_:lmforge.data.synthetic.ground_truth_reward}]"],
          "critic_from"),
         (["init_from=null"], "init_from"),

@@ -134,10 +134,10 @@ def first_token_mass(model, prompts, ids: set[int]) -> float:
     return total / len(prompts)
 
 
-def toy_update(algo: str, assets: dict, run_dir: Path, *overrides: str) -> tuple[float, float, object]:
+def toy_update(algo: str, assets: dict, run_dir: Path, *overrides: str, prepare=None) -> tuple[float, float, object]:
     """One RL iteration where a response earns 1 iff its first token has an even id (about half of
     any prompt's samples, so every group has both kinds); returns the probability of that (on
-    training prompts) before and after, and the module."""
+    training prompts) before and after, and the module. `prepare(module)` runs before training."""
     import importlib
 
     from lmforge.algos import STAGES
@@ -152,11 +152,54 @@ def toy_update(algo: str, assets: dict, run_dir: Path, *overrides: str) -> tuple
     module.reward = RewardFunction([(FirstTokenReward(rewarded), 1.0)])
     probe = dm.train_prompts[:16]
     before = first_token_mass(module.model, probe, rewarded)
+    if prepare is not None:
+        prepare(module)
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     trainer = build_trainer(cfg, Path(cfg.run_dir), [], module)
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 1, "one trainer step per RL iteration"
     return before, first_token_mass(module.model, probe, rewarded), module
+
+
+def cut_responses(module, lengths: list[int]) -> None:
+    """Make `module`'s rollouts end (EOS) after lengths[i % len(lengths)] tokens at most, then
+    score them again: a valid rollout whose responses have the given, unequal lengths."""
+    sample = module.make_rollout
+
+    def make_rollout(prompts, step):
+        ro, times = sample(prompts, step)
+        tok, P = module.tokenizer, ro.prompt_len
+        for i in range(ro.size):
+            n = min(lengths[i % len(lengths)], int(ro.response_mask[i].sum()))
+            ro.sequences[i, P + n - 1] = tok.eos_id
+            ro.sequences[i, P + n :] = tok.pad_id
+            ro.response_mask[i] = torch.arange(ro.response_mask.shape[1]) < n
+            ro.attention_mask[i, P:] = ro.response_mask[i]
+            ro.ended[i] = True
+        ro.responses = [tok.decode(r[m].tolist()) for r, m in zip(ro.response_tokens, ro.response_mask)]
+        module.score_rollout(ro)
+        return ro, times
+
+    module.make_rollout = make_rollout
+
+
+def record_updates(module) -> tuple[list[dict], list[dict]]:
+    """Record, for every optimizer update of `module`, the gradient of each parameter just before
+    the step (after any clipping), and every stat each micro-batch's loss returns."""
+    grads, stats = [], []
+    step, loss = module._optimizer_step, module.loss
+
+    def optimizer_step(opt, counted):
+        grads.append({n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None})
+        step(opt, counted)
+
+    def recorded_loss(mb):
+        value, s = loss(mb)
+        stats.append({k: float(v) for k, v in s.items()})
+        return value, s
+
+    module._optimizer_step, module.loss = optimizer_step, recorded_loss
+    return grads, stats
 
 
 def logprob_change(module) -> tuple[float, float]:

@@ -4,12 +4,17 @@ import pytest
 import torch
 
 from lmforge.rl.losses import (
+    LossNorm,
+    aggregate,
     bradley_terry_loss,
     entropy_from_logits,
     grpo_loss,
     logprobs_from_logits,
     policy_gradient_loss,
     ppo_policy_loss,
+    seq_mean_token_mean,
+    seq_mean_token_sum_norm,
+    token_mean,
     value_loss,
 )
 
@@ -178,6 +183,69 @@ def test_grpo_loss_clips_like_ppo():
     # single sequence: sequence mean == token mean
     torch.testing.assert_close(g_loss, p_loss)
     torch.testing.assert_close(g_stats["clip_frac"], p_stats["clip_frac"])
+
+
+# ---------------------------------------------------------------- aggregation
+
+
+def agg_case():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 99.0, float("nan")]])  # padding holds garbage
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.bool)
+    return x, mask
+
+
+def test_aggregations_hand_values():
+    x, mask = agg_case()
+    assert token_mean(x, mask).item() == pytest.approx((1 + 2 + 3 + 4) / 4)
+    assert seq_mean_token_mean(x, mask).item() == pytest.approx((6 / 3 + 4 / 1) / 2)
+    assert seq_mean_token_sum_norm(x, mask, const=6.0).item() == pytest.approx((6 / 6 + 4 / 6) / 2)
+    # With the denominators of a larger update (8 tokens, 4 sequences): a share of its loss.
+    norm = LossNorm(n_tokens=8.0, n_seqs=4.0, const=6.0)
+    assert aggregate(x, mask, "token-mean", norm).item() == pytest.approx(10 / 8)
+    assert aggregate(x, mask, "seq-mean-token-mean", norm).item() == pytest.approx((2 + 4) / 4)
+    assert aggregate(x, mask, "seq-mean-token-sum-norm", norm).item() == pytest.approx((10 / 6) / 4)
+    with pytest.raises(ValueError, match="token-mean"):
+        aggregate(x, mask, "mean")
+    with pytest.raises(ValueError, match="positive constant"):
+        aggregate(x, mask, "seq-mean-token-sum-norm")
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_micro_batch_shares_add_up_to_the_whole_update(agg):
+    """Lengths [6, 6, 1, 1] (the issue's case): the whole batch in one piece, or two micro-batches
+    of two rows with the update's denominators, give the same value and per-token gradient."""
+    lengths = torch.tensor([6, 6, 1, 1])
+    mask = torch.arange(6)[None, :] < lengths[:, None]
+    logp = torch.randn(4, 6, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    whole = policy_gradient_loss(logp, adv, mask, agg, LossNorm(const=6.0))
+    (g_whole,) = torch.autograd.grad(whole, logp)
+    norm = LossNorm(n_tokens=float(mask.sum()), n_seqs=4.0, const=6.0)
+    parts = [policy_gradient_loss(logp[rows], adv[rows], mask[rows], agg, norm) for rows in ([0, 1], [2, 3])]
+    (g_parts,) = torch.autograd.grad(sum(parts), logp)
+    torch.testing.assert_close(sum(parts), whole)
+    torch.testing.assert_close(g_parts, g_whole)
+    g = g_whole.abs()[mask]
+    if agg == "token-mean":  # every token the same: 1/14
+        torch.testing.assert_close(g, torch.full_like(g, 1 / 14))
+    elif agg == "seq-mean-token-mean":  # 1 / (L * B): a 1-token response's token gets 6x
+        torch.testing.assert_close(g_whole.abs()[2, 0] / g_whole.abs()[0, 0], torch.tensor(6.0))
+    else:  # Dr. GRPO: 1 / (const * B) whatever the length
+        torch.testing.assert_close(g, torch.full_like(g, 1 / 24))
+
+
+def test_grpo_loss_honors_the_kl_estimator_and_the_aggregation():
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    logp = torch.tensor([[math.log(0.5), math.log(0.2)], [math.log(0.5), 0.0]], requires_grad=True)
+    ref = torch.tensor([[math.log(0.25), math.log(0.4)], [math.log(0.5), 0.0]])
+    adv = torch.tensor([0.0, 0.0])
+    _, stats = grpo_loss(logp, logp.detach(), ref, adv, mask, kl_coef=0.1, kl_estimator="k2")
+    k2 = [0.5 * math.log(2) ** 2, 0.5 * math.log(2) ** 2]
+    assert stats["kl"].item() == pytest.approx((k2[0] + k2[1]) / 2 / 2)
+    loss, stats = grpo_loss(logp, logp.detach(), ref, adv, mask, kl_coef=0.1, kl_estimator="k2",
+                            agg="seq-mean-token-sum-norm", norm=LossNorm(const=4.0))
+    assert stats["kl"].item() == pytest.approx((k2[0] + k2[1]) / 4 / 2)
+    assert loss.item() == pytest.approx(0.1 * (k2[0] + k2[1]) / 4 / 2)
 
 
 # ---------------------------------------------------------------- reward model

@@ -11,13 +11,21 @@ the advantage and the loss:
   minus a moving-average baseline of past batches' mean return (`baseline_momentum`);
 * RLOO (Kool et al., 2019; Ahmadian et al., 2024): `samples_per_prompt` = k responses per prompt;
   sequence reward R = score - beta * sum_t KL_t; advantage R_i - mean_{j != i} R_j (leave one out);
-* GRPO (Shao et al., 2024): k responses per prompt; advantage (r_i - mean(group)) / std(group)
-  (`scale_rewards: false` drops the division, Dr. GRPO); the KL to the reference is a loss term
-  (k3, coefficient kl_coef), not part of the reward.
+* GRPO (Shao et al., 2024): k responses per prompt; advantage (r_i - mean(group)) / std(group);
+  the KL to the reference is a loss term (`kl_estimator`, default k3 as in the paper; k2 also
+  works; k1 is refused: its expected gradient as a loss is 0; coefficient kl_coef), not part of
+  the reward. Defaults as in DeepSeekMath: `scale_rewards: true`, `loss_agg:
+  seq-mean-token-mean` (mean over each response's tokens, then over the update's responses).
+  Dr. GRPO (Liu et al., 2025) removes both biases: `scale_rewards=false` (no division by the
+  group's std) and `loss_agg=seq-mean-token-sum-norm` (token sums / `loss_agg_const`, default
+  max_new_tokens: a short response's tokens no longer weigh more).
 
-Loss: with `clip_eps: null` the plain policy gradient -mean(A * log pi) (REINFORCE and RLOO
-default, one pass over the rollout); with a number the clipped surrogate, which several
-`ppo_epochs` need (GRPO default). No critic: the checkpoint is the policy alone.
+Loss: with `clip_eps: null` the plain policy gradient -A * log pi (REINFORCE and RLOO default),
+on-policy only: no importance ratio, so exactly one update per rollout (`ppo_epochs: 1`,
+`minibatch_size` = rows; check_rl_config refuses more); with a number the clipped surrogate,
+which several updates per rollout need (GRPO default). Aggregated by `loss_agg` (REINFORCE and
+RLOO: token-mean) over the whole update, whatever the micro-batch split (rollout.py). No critic:
+the checkpoint is the policy alone.
 """
 
 from __future__ import annotations
@@ -34,11 +42,10 @@ from lmforge.rl import (
     discounted_returns,
     grpo_advantages,
     grpo_loss,
-    kl_estimate,
-    logprobs_from_logits,
     masked_whiten,
     policy_gradient_loss,
     ppo_policy_loss,
+    ratio_stats,
     rloo_advantages,
 )
 from lmforge.rl.stats import masked_mean
@@ -68,8 +75,10 @@ class GRPOConfig(PGConfig):
     name: str = "grpo"
     samples_per_prompt: int = 4
     clip_eps: Optional[float] = 0.2
-    kl_coef: float = 0.04  # coefficient of the k3 KL loss term
-    scale_rewards: bool = True  # divide by the group's std (false: Dr. GRPO)
+    kl_coef: float = 0.04  # coefficient of the KL loss term
+    kl_estimator: str = "k3"  # of the KL loss term: k3 (the paper) or k2; k1 has no expected gradient
+    scale_rewards: bool = True  # divide by the group's std (false: Dr. GRPO, with seq-mean-token-sum-norm)
+    loss_agg: str = "seq-mean-token-mean"  # DeepSeekMath; Dr. GRPO: seq-mean-token-sum-norm
 
 
 class PolicyGradientModule(RLStageModule):
@@ -83,18 +92,18 @@ class PolicyGradientModule(RLStageModule):
     def new_logprobs(self, mb: dict) -> Tensor:
         P = mb["prompt_len"]
         logits, _ = self.policy_forward(mb["sequences"], mb["attention_mask"], P, values=False)
-        return logprobs_from_logits(logits, mb["sequences"][:, P:], temperature=self.cfg.algo.temperature)
+        return self.token_logprobs(logits, mb["sequences"][:, P:])
 
     def loss(self, mb: dict) -> tuple[Tensor, dict[str, Tensor]]:
         algo = self.cfg.algo
-        m = mb["response_mask"]
+        m, norm = mb["response_mask"], self.norm_of(mb)
         logp = self.new_logprobs(mb)
-        if algo.clip_eps is None:
-            loss = policy_gradient_loss(logp, mb["advantages"], m)
-            with torch.no_grad():
-                stats = {"approx_kl": masked_mean(0.5 * (logp - mb["old_logprobs"]) ** 2, m)}
+        if algo.clip_eps is None:  # on-policy only (check_rl_config: one update per rollout)
+            loss = policy_gradient_loss(logp, mb["advantages"], m, algo.loss_agg, norm)
+            stats = ratio_stats(logp, mb["old_logprobs"], m, norm)
         else:
-            loss, stats = ppo_policy_loss(logp, mb["old_logprobs"], mb["advantages"], m, algo.clip_eps)
+            loss, stats = ppo_policy_loss(logp, mb["old_logprobs"], mb["advantages"], m, algo.clip_eps,
+                                          algo.loss_agg, norm)
         return loss, {"policy_loss": loss.detach(), **stats}
 
 
@@ -135,8 +144,7 @@ class RLOOModule(PolicyGradientModule):
     @torch.no_grad()
     def compute_advantages(self, ro: Rollout) -> dict[str, Tensor]:
         algo = self.cfg.algo
-        m = ro.response_mask
-        ro.kl = torch.where(m, kl_estimate(ro.logprobs, ro.ref_logprobs, algo.kl_estimator), 0.0)
+        ro.kl = self.token_kl_estimate(ro)
         seq_reward = ro.scores - self.kl_ctl.value * ro.kl.sum(-1)
         ro.advantages = self.sequence_advantages(rloo_advantages(seq_reward, algo.samples_per_prompt))
         return {"rollout/rlhf_reward": self.global_mean(seq_reward)}
@@ -158,7 +166,8 @@ class GRPOModule(PolicyGradientModule):
         algo = self.cfg.algo
         logp = self.new_logprobs(mb)
         loss, stats = grpo_loss(logp, mb["old_logprobs"], mb["ref_logprobs"], mb["advantages"],
-                                mb["response_mask"], algo.clip_eps, self.kl_ctl.value)
+                                mb["response_mask"], algo.clip_eps, self.kl_ctl.value, algo.kl_estimator,
+                                algo.loss_agg, self.norm_of(mb))
         return loss, {"policy_loss": loss.detach(), **stats}
 
 
@@ -173,6 +182,9 @@ def build(cfg, run_dir):
         raise ConfigError(f"algo={algo.name} compares samples of the same prompt: set algo.samples_per_prompt >= 2")
     if algo.name == "grpo" and algo.clip_eps is None:
         raise ConfigError("algo.clip_eps must be a number for GRPO (0.2 is standard)")
+    if algo.name == "grpo" and algo.kl_estimator == "k1":
+        raise ConfigError("algo.kl_estimator=k1 as GRPO's KL loss term has an expected gradient of 0 (it would not "
+                          "hold the policy near the reference): use algo.kl_estimator=k3 (the paper) or k2")
     if algo.name == "reinforce" and not 0.0 <= algo.baseline_momentum < 1.0:
         raise ConfigError(f"algo.baseline_momentum={algo.baseline_momentum} must be in [0, 1)")
     return build_rl_stage(cfg, run_dir, MODULES[algo.name])

@@ -11,12 +11,17 @@ Each iteration (rollout.py has the shared part: sampling, scoring, log-probs, st
    -beta * (log pi - log pi_ref) on every token (`lmforge.rl.token_rewards`); beta is fixed or
    follows the adaptive controller of Ziegler et al. (2019) towards `kl_target`;
 3. values from the critic -- a ScalarModel initialized from the reward model (`critic:
-   reward_model`, its head rescaled so it starts by predicting the NORMALIZED reward) or a value
+   reward_model`, its head rescaled by `rewards.normalized_head` so it starts by predicting the
+   NORMALIZED reward: the reward model's score standardized with the statistics stored by the
+   reward stage on its validation pairs, or with `reward_stats_from: policy` measured on the
+   initial policy's samples at the start of the run) or a value
    head on the policy's own hidden states (`critic: policy_head`);
 4. GAE (gamma=1, lambda=0.95), advantages whitened over the batch's real tokens;
 5. `ppo_epochs` passes of shuffled minibatches: clipped surrogate (eps=0.2), clipped value
-   loss * vf_coef, optional entropy bonus, optional PPO-ptx SFT loss; gradient accumulation
-   over micro-batches; gradient-norm clipping.
+   loss * vf_coef, optional entropy bonus, optional PPO-ptx SFT loss, each a token mean over the
+   whole update (every micro-batch and rank: the gradient does not depend on micro_batch_size
+   or the number of ranks; `loss_agg` for the policy loss); gradient accumulation over
+   micro-batches; gradient-norm clipping.
 
 The details follow "The N Implementation Details of RLHF with PPO" (Huang et al., 2023):
 log-probs recomputed from logits divided by the sampling temperature, everything after the
@@ -56,13 +61,15 @@ from lmforge.checkpoint import (
     submodule_state,
 )
 from lmforge.model import ScalarModel
+from lmforge.rewards import RewardModelSource, normalized_head
 from lmforge.rl import (
-    entropy_from_logits,
     explained_variance,
     gae_advantages,
     logprobs_from_logits,
     masked_whiten,
     ppo_policy_loss,
+    token_entropy,
+    token_mean,
     value_loss,
 )
 
@@ -104,17 +111,18 @@ class PPOModule(RLStageModule):
             nn.init.zeros_(self.value_head.bias)
 
     def init_critic(self, path: str) -> None:
-        """The critic from a reward model (its head rescaled by the reward normalization, so it
-        predicts normalized rewards) or from a language model's backbone with a zero head."""
+        """The critic from a reward model (its head with the reward normalization folded in,
+        `lmforge.rewards.normalized_head`, so it predicts the normalized reward the policy is
+        trained on) or from a language model's backbone with a zero head."""
         ckpt = load_checkpoint(path)
         require_stage(ckpt, ("reward", "pretrain", "sft", "ppo"), "algo.critic_from")
         critic = ScalarModel(replace(ckpt.model_config, dropout=0.0))
         if ckpt.stage == "reward":
             load_matching(critic, submodule_state(ckpt.state_dict, "model"), f"algo.critic_from={path}")
-            mean, std = self._reward_normalization(path, ckpt)
+            weight, bias = normalized_head(self._reward_source(path, ckpt))
             with torch.no_grad():
-                critic.head.weight.div_(std)
-                critic.head.bias.sub_(mean).div_(std)
+                critic.head.weight.copy_(weight)
+                critic.head.bias.copy_(bias)
         else:
             load_matching(critic.backbone, submodule_state(ckpt.state_dict, "model.backbone"),
                           f"algo.critic_from={path}")
@@ -126,12 +134,14 @@ class PPOModule(RLStageModule):
         self.critic = critic
         self.lineage["critic_from"] = str(path)
 
-    def _reward_normalization(self, path: str, ckpt) -> tuple[float, float]:
+    def _reward_source(self, path: str, ckpt) -> RewardModelSource:
+        """The reward source `path` is (normalized as it scores), else the checkpoint as a source
+        normalized by its own stored statistics (unnormalized when it has none)."""
         for rm in self.reward.reward_models:
             if rm.path == str(path):
-                return rm.mean, rm.std
-        stats = ckpt.meta.get("reward_stats") or {}
-        return float(stats.get("mean", 0.0)), float(stats.get("std", 1.0)) or 1.0
+                return rm
+        return RewardModelSource(path, tokenizer=self.tokenizer, normalize=bool(ckpt.meta.get("reward_stats")),
+                                 name="critic")
 
     # -- networks ------------------------------------------------------------------------------
     def policy_forward(self, sequences, attention_mask, prompt_len, values: bool = True):
@@ -166,15 +176,17 @@ class PPOModule(RLStageModule):
     def loss(self, mb: dict) -> tuple[Tensor, dict[str, Tensor]]:
         algo = self.cfg.algo
         P, m = mb["prompt_len"], mb["response_mask"]
+        norm = self.norm_of(mb)
         logits, values = self.policy_forward(mb["sequences"], mb["attention_mask"], P)
-        logits = logits.float() / algo.temperature
+        logits = self.tempered(logits)  # the sampling distribution (rollout.py: tempered)
         logp = logprobs_from_logits(logits, mb["sequences"][:, P:])
-        pg, pg_stats = ppo_policy_loss(logp, mb["old_logprobs"], mb["advantages"], m, algo.clip_eps)
-        vf, vf_stats = value_loss(values, mb["old_values"], mb["returns"], m, algo.vf_clip_eps)
+        pg, pg_stats = ppo_policy_loss(logp, mb["old_logprobs"], mb["advantages"], m, algo.clip_eps,
+                                       algo.loss_agg, norm)
+        vf, vf_stats = value_loss(values, mb["old_values"], mb["returns"], m, algo.vf_clip_eps, norm)
         loss = pg + algo.vf_coef * vf
         stats = {"policy_loss": pg.detach(), "value_loss": vf.detach(), **pg_stats, **vf_stats}
         if algo.ent_coef:
-            entropy = entropy_from_logits(logits, m)
+            entropy = token_mean(token_entropy(logits), m, norm.n_tokens)
             loss = loss - algo.ent_coef * entropy
             stats["entropy"] = entropy.detach()
         return loss, stats

@@ -2,12 +2,13 @@
 the LightningModule skeleton of one RL iteration. ppo.py and pg.py (REINFORCE, RLOO, GRPO)
 differ only in how they turn a scored rollout into advantages and a loss.
 
-Not a stage itself (no CONFIG): the stage modules import it.
+Not a stage itself (no CONFIG): the stage modules import it. The shared config (`RLConfig`) and
+its start-up check (`check_rl_config`) are in rl_config.py.
 
 One RL iteration = one `training_step` = one trainer step:
 
 1. generate: `rollout_batch_size` prompts per rank, each sampled `samples_per_prompt` times,
-   batched with the KV cache (`lmforge.model.generate`: temperature, top-k, top-p, stop at EOS;
+   batched with the KV cache (`lmforge.model.generate`: temperature, stop at EOS;
    prompts of different lengths left-padded in one batch); everything after a row's first EOS
    is masked out;
 2. score: the reward sources (reward models, callables; `lmforge.rewards`), the missing-EOS
@@ -17,12 +18,42 @@ One RL iteration = one `training_step` = one trainer step:
 3. update: `ppo_epochs` passes over the rollout in shuffled minibatches of `minibatch_size`
    sequences, each one optimizer update accumulated over micro-batches of `micro_batch_size`.
 
-Step accounting: trainer.max_steps, trainer.eval_every, trainer.log_every, the learning-rate
-schedule and resume all count RL ITERATIONS (rollout batches), not optimizer updates. Lightning
-counts every `LightningOptimizer.step()` as a global step under manual optimization, so all but
-the last update of an iteration go straight through `trainer.strategy.optimizer_step` (the same
-call minus the step counter: precision plugins and strategies behave identically). An iteration
-makes ppo_epochs * (rollout rows / minibatch_size) updates; `train/updates` logs the total.
+The bookkeeping of an update (`update`), each in one place:
+
+- Loss normalization. Before an update's first micro-batch, `update_norm` counts its real
+  response tokens and sequences on every rank (one all-reduce) and divides them by the number
+  of ranks, because DDP AVERAGES the ranks' gradients. Each micro-batch's loss is its token (or
+  sequence) SUM over those denominators (`lmforge.rl.losses.aggregate`, `algo.loss_agg`), so
+  the summed gradients are those of one loss over the whole update: the same for any
+  `micro_batch_size` and any number of ranks. The logged train/* figures are built the same
+  way: summed over an update's micro-batches, averaged over its updates and ranks.
+- Accumulation by hand (manual optimization): backward per micro-batch, DDP's gradient sync
+  only at the last one (`opt.toggle_model(sync_grad=...)`), then gradient clipping and one
+  optimizer step. Step accounting: trainer.max_steps, eval_every, log_every, the LR schedule and
+  resume count RL ITERATIONS, not updates (ppo_epochs * rows / minibatch_size per iteration;
+  `train/updates` logs the total). Lightning counts every `LightningOptimizer.step()` as a
+  global step, so all but the iteration's last update call `trainer.strategy.optimizer_step(opt,
+  closure=lambda: None)` instead (`_optimizer_step`): the same precision plugin and strategy
+  step minus the counter; the closure is a no-op because the gradients are already there.
+- PPO-ptx (`ptx_coef > 0`): `ptx_coef` x the mean SFT loss of ONE batch of SFT pairs is added
+  to the last micro-batch's loss of every update, so it counts once per update whatever the
+  split.
+- Frozen models. The reference policy (`ref_model`) and the reward models are used, never
+  trained nor saved: `ref_model` is set with `object.__setattr__` (`_set_hidden`) so it is not
+  a submodule (out of the state dict, the optimizer, DDP and FSDP, and Lightning's device moves),
+  and `_frozen_to_device` moves it and the reward models to the policy's device in the hooks
+  that use them first (`on_train_start`, `training_step`, `on_validation_epoch_start`).
+- Temperature. Rollouts sample from softmax(logits / temperature); every log-prob (old,
+  reference, new) and the rollout entropy are computed from `tempered(logits)` (through
+  `token_logprobs`), so ratios start at exactly 1 and the KL compares the distributions
+  sampled. top_k / top_p filters are refused (`check_rl_config`): the log-probs would not be
+  those of the filtered sampler. Held-out evaluation is greedy by default (`eval_temperature`).
+- KL. One per-token estimator, `algo.kl_estimator`, for the penalty in the reward (PPO,
+  REINFORCE, RLOO) or the loss term (GRPO), the adaptive controller, and `rollout/kl`;
+  `rollout/kl_k1` and `rollout/kl_k3` are logged by name; `val/kl` is the exact KL of the
+  held-out responses' next-token distributions (`token_kl`).
+- On-policy. With `clip_eps: null` (the plain policy gradient, no importance ratio) an
+  iteration makes exactly one update (`ppo_epochs: 1`, `minibatch_size` = the rollout's rows).
 
 Alignment: the causal LM's output at position t predicts token t+1, so the response tokens at
 columns [P, P+N) are scored by the logits at [P-1, P+N-1) (`response_logits`).
@@ -35,23 +66,25 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from lmforge.algos.base import StageModule, check_vocab, model_config
+from lmforge.algos.rl_config import RLConfig, check_rl_config
 from lmforge.checkpoint import check_compatible, load_checkpoint, require_stage
 from lmforge.fault import collapse_warning
 from lmforge.model import generate
-from lmforge.optim import OptimConfig
-from lmforge.rewards import RewardFunction, RLRewardConfig, ScoringBatch, build_reward
+from lmforge.rewards import RewardFunction, ScoringBatch, build_reward
 from lmforge.rl import (
     AdaptiveKLController,
     FixedKLController,
-    entropy_from_logits,
+    LossNorm,
+    kl_estimate,
     logprobs_from_logits,
+    token_entropy,
     token_rewards,
 )
 from lmforge.rl.stats import masked_mean
@@ -62,61 +95,6 @@ log = logging.getLogger(__name__)
 
 # Checkpoint stages a policy may start from: a language model, never a reward model.
 POLICY_STAGES = ("pretrain", "sft", "ppo", "reinforce", "rloo", "grpo")
-
-
-def _rl_optim() -> OptimConfig:
-    # A small constant LR after a short warmup (Adam's first steps move every weight by ~lr
-    # whatever its gradient), no weight decay pulling the policy away from the SFT model; the
-    # module clips the gradient norm to grad_clip itself (manual optimization).
-    return OptimConfig(lr=1e-5, weight_decay=0.0, warmup_steps=5, min_lr_ratio=1.0, grad_clip=1.0)
-
-
-@dataclass
-class RLConfig:
-    """Fields every RL stage shares (algo.*). Batch sizes are per rank."""
-
-    name: str = "?"
-    reward: RLRewardConfig = field(default_factory=RLRewardConfig)
-    # The frozen reference the KL is measured against; default: init_from.
-    ref_from: Optional[str] = None
-    # -- rollouts
-    rollout_batch_size: int = 32  # prompts per rank and iteration
-    samples_per_prompt: int = 1  # responses per prompt (RLOO/GRPO groups: >= 2)
-    max_new_tokens: int = 16
-    # Decode with a static-shape KV cache (every step attends over all columns): lets a compiled
-    # policy (compile=true) reuse one compiled decode step; slower in eager mode.
-    static_cache: bool = False
-    max_prompt_tokens: int = 96  # longer prompts lose tokens from the left
-    temperature: float = 1.0
-    top_k: Optional[int] = None
-    top_p: Optional[float] = None
-    # -- reward shaping
-    missing_eos_penalty: float = 0.0  # subtracted from the score of a response cut at max_new_tokens
-    reward_clip: float = 0.0  # clip scores to [-reward_clip, reward_clip]; 0 = off
-    kl_coef: float = 0.05  # beta (GRPO: the KL loss coefficient)
-    kl_estimator: str = "k1"  # k1 | k2 | k3, per token (lmforge.rl.kl)
-    adaptive_kl: bool = False  # Ziegler et al.'s proportional controller towards kl_target
-    kl_target: float = 6.0  # nats per sequence
-    kl_horizon: int = 10000  # samples
-    # -- updates
-    ppo_epochs: int = 1
-    minibatch_size: int = 32  # sequences per optimizer update
-    micro_batch_size: int = 32  # sequences per forward/backward (accumulation = minibatch / micro)
-    clip_eps: Optional[float] = 0.2  # ratio clipping; null = plain policy gradient (REINFORCE/RLOO)
-    whiten_advantages: bool = False
-    optim: OptimConfig = field(default_factory=_rl_optim)
-    # -- PPO-ptx: + ptx_coef * SFT language-modeling loss on the source's SFT pairs
-    ptx_coef: float = 0.0
-    ptx_batch_size: int = 8
-    ptx_seq_len: int = 128
-    # -- held-out evaluation (every trainer.eval_every iterations) and samples
-    eval_prompts: int = 128
-    eval_batch_size: int = 64
-    eval_temperature: float = 0.0  # 0 = greedy
-    eval_max_new_tokens: int = 16
-    eval_at_start: bool = True  # evaluate the initial policy too (logged at step 0)
-    sample_every: int = 10  # a table of rollouts every this many iterations (0 = never)
-    n_samples: int = 4
 
 
 # ============================================================================ tensors
@@ -305,10 +283,79 @@ class RLStageModule(StageModule):
         for i, rm in enumerate(self.reward.reward_models):
             self.lineage["reward_model" if i == 0 else f"reward_model_{i + 1}"] = rm.path
 
+    @torch.no_grad()
+    def measure_reward_stats(self, prompts: list) -> dict[str, tuple[float, float]]:
+        """Normalize every reward model (normalize: true) by the mean and population std of its raw
+        scores of the CURRENT policy's responses to `prompts` (one each, at the sampling
+        temperature, a fixed seed: the same on every rank); returns {source: (mean, std)}."""
+        algo = self.cfg.algo
+        rms = [rm for rm in self.reward.reward_models if rm.normalize]
+        raw: dict[str, list[Tensor]] = {rm.name: [] for rm in rms}
+        gen = torch.Generator(device=self.device).manual_seed(seed_for(self.cfg.seed, "reward-stats", 0, 0))
+        for i in range(0, len(prompts) if rms else 0, algo.eval_batch_size):
+            with gathered_for_generation(self.model):
+                ro = sample_rollout(self.model, prompts[i : i + algo.eval_batch_size], self.tokenizer,
+                                    max_new_tokens=algo.max_new_tokens, temperature=algo.temperature, generator=gen)
+            for rm in rms:
+                raw[rm.name].append(rm.raw_scores(scoring_batch(ro, self.tokenizer)).float().cpu())
+        stats = {}
+        for rm in rms:
+            r = torch.cat(raw[rm.name])
+            std = float(r.std(unbiased=False))
+            rm.mean, rm.std = float(r.mean()), std if std > 0 else 1.0
+            stats[rm.name] = (rm.mean, rm.std)
+            log.info("reward %s normalized by the initial policy's samples (%d): mean=%.4g std=%.4g", rm.name,
+                     r.numel(), rm.mean, rm.std)
+        return stats
+
     def _frozen_to_device(self) -> None:
         if self.ref_model is not None and next(self.ref_model.parameters()).device != self.device:
             self.ref_model.to(self.device)
         self.reward.to(self.device)
+
+    # -- the sampling temperature: the one place log-probs and entropies apply it -----------
+    def tempered(self, logits: Tensor) -> Tensor:
+        """Logits of the distribution the rollout sampled from: softmax(logits / temperature)."""
+        return logits.float() / self.cfg.algo.temperature
+
+    def token_logprobs(self, logits: Tensor, tokens: Tensor) -> Tensor:
+        """Log-probs of `tokens` at the sampling temperature: old, reference and new alike, so
+        ratios start at 1 and the KL compares the distributions that were sampled."""
+        return logprobs_from_logits(self.tempered(logits), tokens)
+
+    # -- KL to the reference: one estimator (algo.kl_estimator) for penalty, controller, logs
+    def token_kl_estimate(self, ro: Rollout, kind: str | None = None) -> Tensor:
+        """(B, N) per-token estimate (k1, k2 or k3; default algo.kl_estimator), 0 off the mask."""
+        kind = kind or self.cfg.algo.kl_estimator
+        return torch.where(ro.response_mask, kl_estimate(ro.logprobs, ro.ref_logprobs, kind), 0.0)
+
+    def sequence_kl(self, ro: Rollout, kind: str | None = None) -> Tensor:
+        """(B,) per-response KL estimate: the sum over its tokens (nats per sequence)."""
+        return self.token_kl_estimate(ro, kind).sum(-1)
+
+    # -- loss denominators ---------------------------------------------------------------------
+    @property
+    def loss_agg_const(self) -> float:
+        a = self.cfg.algo
+        return float(a.loss_agg_const or a.max_new_tokens)
+
+    def update_norm(self, response_mask: Tensor) -> LossNorm:
+        """The denominators of one optimizer update whose rows (on this rank) have `response_mask`:
+        real tokens and sequences summed over ranks (one all-reduce), divided by the number of
+        ranks because DDP AVERAGES the ranks' gradients. Each micro-batch's loss is then its
+        share of the update's loss, whatever the micro-batch split and the number of ranks."""
+        counts = torch.tensor([float(response_mask.sum()), float(response_mask.shape[0])], dtype=torch.float64,
+                              device=self.device)
+        world = 1
+        if self.reduce is not None:
+            counts = self.reduce(counts)
+            world = torch.distributed.get_world_size()
+        n_tokens, n_seqs = (counts / world).tolist()
+        return LossNorm(n_tokens=n_tokens, n_seqs=n_seqs, const=self.loss_agg_const)
+
+    def norm_of(self, mb: dict) -> LossNorm:
+        """mb's update denominators (set by `update`); a lone batch is a whole update."""
+        return mb.get("norm") or LossNorm(const=self.loss_agg_const)
 
     # -- hooks for subclasses --------------------------------------------------------------
     def policy_forward(self, sequences: Tensor, attention_mask: Tensor, prompt_len: int,
@@ -388,14 +435,13 @@ class RLStageModule(StageModule):
             sl = slice(i, i + algo.micro_batch_size)
             seq, attn, tok, m = ro.sequences[sl], ro.attention_mask[sl], tokens[sl], ro.response_mask[sl]
             logits, v = self.policy_forward(seq, attn, ro.prompt_len)
-            logits = logits.float() / algo.temperature
-            logps.append(logprobs_from_logits(logits, tok).masked_fill(~m, 0.0))
-            ent_sum += float(entropy_from_logits(logits, m)) * float(m.sum())
+            logps.append(self.token_logprobs(logits, tok).masked_fill(~m, 0.0))
+            ent_sum += float(torch.where(m, token_entropy(self.tempered(logits)), 0.0).sum())
             ent_n += float(m.sum())
             if v is not None:
                 values.append(v.masked_fill(~m, 0.0))
             ref_logits, _ = response_logits(self.ref_model, seq, attn, ro.prompt_len)
-            ref_logps.append(logprobs_from_logits(ref_logits, tok, temperature=algo.temperature).masked_fill(~m, 0.0))
+            ref_logps.append(self.token_logprobs(ref_logits, tok).masked_fill(~m, 0.0))
         ro.logprobs, ro.ref_logprobs = torch.cat(logps), torch.cat(ref_logps)
         ro.values = torch.cat(values) if values else None
         ro.entropy = torch.tensor(ent_sum / max(ent_n, 1.0), device=self.device)
@@ -451,30 +497,32 @@ class RLStageModule(StageModule):
         n_mb = B // algo.minibatch_size
         n_updates = algo.ppo_epochs * n_mb
         shuffle = torch.Generator().manual_seed(seed_for(self.cfg.seed, "shuffle", step, self.global_rank))
+        # Every stat a loss returns is its micro-batch's SHARE of the update's figure (same
+        # denominators as the loss): summed over an update's micro-batches, averaged over updates.
         sums: dict[str, Tensor] = {}
-        n_micro = 0
         update = 0
         for _ in range(algo.ppo_epochs):
             perm = torch.randperm(B, generator=shuffle).to(self.device)
             for j in range(n_mb):
                 rows = perm[j * algo.minibatch_size : (j + 1) * algo.minibatch_size]
+                norm = self.update_norm(ro.response_mask[rows])
                 micro = rows.split(algo.micro_batch_size)
                 for k, idx in enumerate(micro):
                     mb = self.take(fields, idx, ro.prompt_len)
+                    mb["norm"] = norm
                     last = k == len(micro) - 1
                     # Gradients are all-reduced (DDP) once per update, at its last micro-batch.
                     with opt.toggle_model(sync_grad=last):
-                        loss, stats = self.loss(mb)
-                        loss = loss * (len(idx) / len(rows))
+                        loss, stats = self.loss(mb)  # this micro-batch's share of the update's loss
                         if last and algo.ptx_coef > 0:
+                            # PPO-ptx: one SFT batch per update, its mean loss added once.
                             ptx = self._ptx_loss()
                             loss = loss + algo.ptx_coef * ptx
-                            stats = {**stats, "ptx_loss": ptx.detach() * len(micro)}
+                            stats = {**stats, "ptx_loss": ptx.detach()}
                         self.manual_backward(loss)
                     self.count_tokens(int(mb["attention_mask"].sum()))
                     for name, v in stats.items():
                         sums[name] = sums.get(name, 0.0) + v.detach().float()
-                    n_micro += 1
                 if algo.optim.grad_clip > 0:
                     self.clip_gradients(opt, gradient_clip_val=algo.optim.grad_clip, gradient_clip_algorithm="norm")
                 update += 1
@@ -486,7 +534,7 @@ class RLStageModule(StageModule):
         world = self.trainer.world_size
         out = {}
         for name, v in sums.items():
-            mean = v / n_micro
+            mean = v / n_updates
             if self.reduce is not None:
                 mean = self.reduce(mean) / world
             out[f"train/{name}"] = mean
@@ -501,9 +549,9 @@ class RLStageModule(StageModule):
         self.last_rollout = ro  # for inspection (tests, debugging); replaced every iteration
         t2 = time.perf_counter()
         adv_stats = self.compute_advantages(ro)
-        # The adaptive KL controller steers towards kl_target with this batch's KL (fixed: no-op).
-        seq_kl = (ro.logprobs - ro.ref_logprobs).masked_fill(~ro.response_mask, 0.0).sum(-1)
-        self.kl_ctl.update(self.global_mean(seq_kl), n_steps=ro.size * self.trainer.world_size)
+        # The adaptive KL controller steers towards kl_target with this batch's KL, measured with
+        # algo.kl_estimator like the penalty it scales (fixed controller: no-op).
+        self.kl_ctl.update(self.global_mean(self.sequence_kl(ro)), n_steps=ro.size * self.trainer.world_size)
         train_stats = self.update(ro, step)
         self._sync()
         times["time/update_s"] = time.perf_counter() - t2
@@ -518,13 +566,16 @@ class RLStageModule(StageModule):
             self.log_rollout_samples(ro, step)
 
     def rollout_metrics(self, ro: Rollout) -> dict[str, Tensor]:
-        m = ro.response_mask
-        seq_kl = (ro.logprobs - ro.ref_logprobs).masked_fill(~m, 0.0).sum(-1)
         metrics = {
             "rollout/reward_mean": self.global_mean(ro.raw_scores),
             "rollout/reward_std": self.global_std(ro.raw_scores),
             "rollout/score_mean": self.global_mean(ro.scores),  # after EOS penalty and clipping
-            "rollout/kl": self.global_mean(seq_kl),  # sum over tokens of log pi - log pi_ref, mean over responses
+            # KL to the reference in nats per response (sum over its tokens, mean over responses):
+            # rollout/kl with algo.kl_estimator (what the penalty and the controller use), and
+            # with k1 and k3 named, comparable across runs whatever the setting.
+            "rollout/kl": self.global_mean(self.sequence_kl(ro)),
+            "rollout/kl_k1": self.global_mean(self.sequence_kl(ro, "k1")),
+            "rollout/kl_k3": self.global_mean(self.sequence_kl(ro, "k3")),
             "rollout/entropy": self.global_mean(ro.entropy),
             "rollout/response_len": self.global_mean(ro.lengths().float()),
             "rollout/eos_frac": self.global_mean(ro.ended.float()),
@@ -661,42 +712,6 @@ class RLStageModule(StageModule):
 # ============================================================================ building
 
 
-def check_rl_config(cfg) -> None:
-    """Refuse RL settings that cannot work, naming the key to change."""
-    from lmforge.config import ConfigError
-
-    a = cfg.algo
-    rows = a.rollout_batch_size * a.samples_per_prompt
-
-    def check(ok: bool, msg: str) -> None:
-        if not ok:
-            raise ConfigError(msg)
-
-    check(cfg.init_from is not None,
-          f"algo={a.name} improves an existing language model: set init_from=<an SFT (or pretraining) checkpoint>")
-    check(a.rollout_batch_size > 0 and a.samples_per_prompt > 0 and a.minibatch_size > 0 and a.micro_batch_size > 0,
-          "algo.rollout_batch_size, samples_per_prompt, minibatch_size and micro_batch_size must be positive")
-    check(rows % a.minibatch_size == 0,
-          f"algo.rollout_batch_size * algo.samples_per_prompt = {rows} responses per iteration must be a multiple "
-          f"of algo.minibatch_size={a.minibatch_size}")
-    check(a.minibatch_size % a.micro_batch_size == 0,
-          f"algo.minibatch_size={a.minibatch_size} must be a multiple of algo.micro_batch_size={a.micro_batch_size}")
-    check(a.ppo_epochs >= 1, f"algo.ppo_epochs={a.ppo_epochs} must be >= 1")
-    check(a.temperature > 0, f"algo.temperature={a.temperature} must be > 0 for RL sampling (0 would be greedy: "
-                             "no exploration, and log-probs at temperature 0 are undefined)")
-    check(a.max_new_tokens >= 1 and a.eval_max_new_tokens >= 1, "algo.max_new_tokens and eval_max_new_tokens must be >= 1")
-    longest = a.max_prompt_tokens + max(a.max_new_tokens, a.eval_max_new_tokens)
-    check(longest <= cfg.model.max_seq_len,
-          f"algo.max_prompt_tokens={a.max_prompt_tokens} + max new tokens = {longest} exceeds model.max_seq_len="
-          f"{cfg.model.max_seq_len}: lower algo.max_prompt_tokens or algo.max_new_tokens")
-    check(a.kl_estimator in ("k1", "k2", "k3"), f"algo.kl_estimator={a.kl_estimator!r}: use k1, k2 or k3")
-    check(cfg.trainer.accumulate_grad_batches == 1,
-          "trainer.accumulate_grad_batches must be 1 for RL stages: accumulation is algo.minibatch_size / "
-          "algo.micro_batch_size")
-    check(a.clip_eps is None or a.clip_eps > 0, f"algo.clip_eps={a.clip_eps} must be > 0 (or null)")
-    check(a.missing_eos_penalty >= 0 and a.reward_clip >= 0, "algo.missing_eos_penalty and algo.reward_clip must be >= 0")
-
-
 def build_rl_stage(cfg, run_dir, module_cls, **module_kwargs):
     """The policy (init_from), its frozen reference, the reward sources and the prompts."""
     from lmforge.data.prompt_data import PromptDataModule
@@ -719,6 +734,8 @@ def build_rl_stage(cfg, run_dir, module_cls, **module_kwargs):
                           ptx_batch_size=algo.ptx_batch_size, ptx_seq_len=algo.ptx_seq_len)
     dm.prepare_data()
     module.eval_prompts = dm.eval_prompts
+    if algo.reward_stats_from == "policy":
+        module.measure_reward_stats(dm.train_prompts[: algo.reward_stats_prompts])
     if algo.ptx_coef > 0:
         module.ptx_data = dm
     return module, dm

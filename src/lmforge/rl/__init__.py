@@ -16,18 +16,29 @@ from .advantages import (
 )
 from .kl import AdaptiveKLController, FixedKLController, kl_estimate, kl_k1, kl_k2, kl_k3
 from .losses import (
+    LOSS_AGGS,
+    LossNorm,
+    aggregate,
     bradley_terry_loss,
     entropy_from_logits,
     grpo_loss,
     logprobs_from_logits,
     policy_gradient_loss,
     ppo_policy_loss,
+    ratio_stats,
+    seq_mean_token_mean,
+    seq_mean_token_sum_norm,
+    token_entropy,
+    token_mean,
     value_loss,
 )
 from .stats import explained_variance, masked_mean, masked_var, masked_whiten
 
 __all__ = [
+    "LOSS_AGGS",
     "AdaptiveKLController",
+    "LossNorm",
+    "aggregate",
     "FixedKLController",
     "MovingAverageBaseline",
     "bradley_terry_loss",
@@ -48,7 +59,12 @@ __all__ = [
     "masked_whiten",
     "policy_gradient_loss",
     "ppo_policy_loss",
+    "ratio_stats",
     "rloo_advantages",
+    "seq_mean_token_mean",
+    "seq_mean_token_sum_norm",
+    "token_entropy",
+    "token_mean",
     "token_rewards",
     "value_loss",
 ]
