@@ -26,14 +26,15 @@ register_configs()
 
 # Tests pin the precision: `auto` is bf16-mixed on a CPU with native bf16 and fp32 on one without,
 # so a suite left to it tests different things on different machines (tests/test_precision.py runs
-# both on purpose). Every train.py a test launches gets it too.
-PINNED = ["trainer.precision=32-true"]
+# both on purpose). A config that sets its own precision (trainer=gpu, an explicit override) keeps it.
+PINNED_PRECISION = "32-true"
 
 
 def pinned(overrides: list[str]) -> list[str]:
-    """`overrides` with the pinned settings each of them does not already set."""
-    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-    return list(overrides) + [p for p in PINNED if p.split("=", 1)[0] not in given]
+    """A train.py command line's overrides, plus the pinned precision unless they choose one
+    (trainer.precision=..., or a trainer config other than the default)."""
+    chosen = any(o.lstrip("+~").startswith(("trainer.precision=", "trainer=")) for o in overrides)
+    return list(overrides) + ([] if chosen else [f"trainer.precision={PINNED_PRECISION}"])
 
 
 def train_py_cmd(*overrides: str) -> list[str]:
@@ -45,7 +46,9 @@ def compose_config(overrides: list[str] | None = None, run_dir: Path | None = No
     """The config `python train.py <overrides>` would run, with the hydra: resolvers working."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=pinned(list(overrides or [])), return_hydra_config=True)
+        cfg = compose("train", overrides=list(overrides or []), return_hydra_config=True)
+    if cfg.trainer.precision == "auto":
+        cfg.trainer.precision = PINNED_PRECISION
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         if run_dir is not None:
