@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from lmforge.model import ModelConfig
-from lmforge.perf import cpu_has_fast_bf16, measure_matmul_peak
+from lmforge.training.throughput import cpu_has_fast_bf16, measure_matmul_peak
 
 # The shape the performance targets are stated at (bench/README.md): d_model 256, 4 layers,
 # 4 heads, vocabulary 4096, GPT-2 style (gelu MLP of 4 d_model, learned positions, tied head).

@@ -30,11 +30,11 @@ from train_step import make_step
 
 from lmforge.data.pretrain_data import RandomWindows
 from lmforge.data.sources import Document
-from lmforge.data.synthetic import SyntheticWorld
 from lmforge.data.tokenized import build_token_dataset
 from lmforge.data.tokenizer import train_tokenizer
 from lmforge.model import CausalLM
-from lmforge.optim import OptimConfig, build_adamw
+from lmforge.training.optim import OptimConfig, build_adamw
+from lmforge.world.synthetic import SyntheticWorld
 
 
 def rate(fn, repeats: int = 3) -> float:

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from lmforge.algos.sft import sft_loss_terms  # noqa: E402
-from lmforge.data.sft_data import IGNORE_INDEX, TrainBatches, collate, encode_pairs, load_pairs, plan_epoch  # noqa: E402
+from lmforge.data.sft_data import IGNORE_INDEX, TrainBatches, encode_pairs, load_pairs, plan_epoch  # noqa: E402
 from lmforge.data.templates import BadRecords  # noqa: E402
 
 
@@ -88,9 +88,9 @@ def main() -> None:
     cfg = compose(overrides)
 
     from lmforge.algos.base import model_config
-    from lmforge.data.sft_data import sft_tokenizer
+    from lmforge.algos.sft import sft_tokenizer
     from lmforge.model import CausalLM
-    from lmforge.optim import OptimConfig, build_adamw
+    from lmforge.training.optim import OptimConfig, build_adamw
 
     tok = sft_tokenizer(cfg)
     train_pairs, _ = load_pairs(cfg.data, 0)

@@ -31,10 +31,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     DTYPES,
+    GemmReplay,
     bf16_usable,
     emit,
     machine,
-    GemmReplay,
     matmul_peak,
     model_config,
     pick_device,
@@ -44,7 +44,7 @@ from common import (
 )
 
 from lmforge.model import CausalLM
-from lmforge.optim import OptimConfig, build_adamw
+from lmforge.training.optim import OptimConfig, build_adamw
 
 
 def make_step(model: CausalLM, opt, batch: torch.Tensor, dtype: torch.dtype, device: torch.device,

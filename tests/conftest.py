@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf, open_dict
+from omegaconf import open_dict
 
 from lmforge.config import register_configs
 
@@ -25,7 +25,7 @@ register_configs()
 
 
 # Tests pin the precision: `auto` is bf16-mixed on a CPU with native bf16 and fp32 on one without,
-# so a suite left to it tests different things on different machines (tests/test_precision.py runs
+# so a suite left to it tests different things on different machines (tests/training/test_precision.py runs
 # both on purpose). A config that sets its own precision (trainer=gpu, an explicit override) keeps it.
 PINNED_PRECISION = "32-true"
 

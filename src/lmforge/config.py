@@ -15,14 +15,11 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from lmforge.data.config import DATA_SCHEMAS
+from lmforge.errors import ConfigError
 from lmforge.model import ModelConfig
-from lmforge.precision import PrecisionError, normalize_precision
-from lmforge.trainer import StrategyConfig, TrainerConfig
-from lmforge.tracking import LOGGER_SCHEMAS
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work, with the key to change."""
+from lmforge.training.precision import PrecisionError, normalize_precision
+from lmforge.training.tracking import LOGGER_SCHEMAS
+from lmforge.training.trainer import StrategyConfig, TrainerConfig
 
 
 @dataclass

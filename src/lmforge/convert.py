@@ -20,11 +20,9 @@ from __future__ import annotations
 import json
 import sys
 
+from lmforge.errors import UsageError
+
 USAGE = __doc__
-
-
-class UsageError(ValueError):
-    pass
 
 
 _OPTIONS = {
@@ -83,9 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
-    from lmforge.checkpoint import CheckpointError
-    from lmforge.hf.config import UnsupportedModelError
-    from lmforge.hf.tokenizer import TokenizerImportError
+    from lmforge.data.hf_tokenizer import TokenizerImportError
+    from lmforge.hf.hf_config import UnsupportedModelError
+    from lmforge.training.checkpoint import CheckpointError
 
     try:
         result = run(argv)

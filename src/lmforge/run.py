@@ -17,21 +17,22 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from lmforge.algos import STAGES
-from lmforge.checkpoint import (
+from lmforge.config import validate
+from lmforge.errors import ConfigError
+from lmforge.training import console, tracking
+from lmforge.training.checkpoint import (
     CheckpointError,
     StageCheckpoint,
     check_resume,
     load_checkpoint,
 )
-from lmforge.config import ConfigError, validate
-from lmforge.fault import (
+from lmforge.training.fault import (
     check_output_dir,
     estimate_checkpoint_bytes,
     newest_valid_checkpoint,
     remove_stale_temporaries,
 )
-from lmforge import console, tracking
-from lmforge.trainer import build_trainer
+from lmforge.training.trainer import build_trainer
 
 log = logging.getLogger(__name__)
 

@@ -17,15 +17,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared RL helper
 from conftest import ROOT, train_py_cmd
 from test_rollout import build_rl_assets, logprob_change, make_reward_checkpoint, rl_config, toy_update
 
-from lmforge.checkpoint import (
+from lmforge.config import ConfigError
+from lmforge.model import CausalLM
+from lmforge.run import main
+from lmforge.training.checkpoint import (
     CheckpointError,
     load_checkpoint,
     load_matching,
     submodule_state,
 )
-from lmforge.config import ConfigError
-from lmforge.model import CausalLM
-from lmforge.run import main
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def check_val_gt_score(cfg, result) -> None:
     """The final val/gt_score is the judge's mean score of the final policy's greedy answers to the
     held-out prompts, recomputed here from the saved checkpoint."""
     from lmforge.algos.ppo import build
-    from lmforge.data.synthetic import judge_batch
+    from lmforge.world.synthetic import judge_batch
 
     module, _ = build(cfg, Path(cfg.run_dir))
     load_matching(module.model, submodule_state(load_checkpoint(result["last_checkpoint"]).state_dict, "model"),
@@ -110,7 +110,7 @@ def test_ppo_checkpoint_is_a_loadable_policy_with_lineage(rl_assets, tmp_path):
     assert changed, "PPO updates must change the policy"
     # An RL checkpoint can start another RL run (e.g. a second PPO round).
     main(rl_config("ppo", rl_assets, tmp_path / "again", f"init_from={result['last_checkpoint']}",
-                   "algo.critic=policy_head", "algo.reward.sources=[{_target_:lmforge.data.synthetic.ground_truth_reward}]",
+                   "algo.critic=policy_head", "algo.reward.sources=[{_target_:lmforge.world.synthetic.ground_truth_reward}]",
                    "trainer.max_steps=1", "trainer.eval_every=100", "algo.eval_at_start=false"))
 
 
@@ -128,7 +128,7 @@ def test_gae_through_the_module_uses_gamma_and_lambda_as_configured(rl_assets, t
 
     module = ppo_module(rl_assets, tmp_path / "run", "algo.critic=policy_head", "algo.gamma=0.9", "algo.lam=0.5",
                         "algo.whiten_advantages=false", "algo.kl_coef=0.5",
-                        "algo.reward.sources=[{_target_:lmforge.data.synthetic.ground_truth_reward}]")
+                        "algo.reward.sources=[{_target_:lmforge.world.synthetic.ground_truth_reward}]")
     ro = Rollout(prompts=[None], sequences=torch.zeros(1, 5, dtype=torch.long),
                  attention_mask=torch.ones(1, 5, dtype=torch.bool), prompt_len=2,
                  response_mask=torch.ones(1, 3, dtype=torch.bool), ended=torch.ones(1, dtype=torch.bool),
@@ -154,13 +154,13 @@ def test_gae_through_the_module_uses_gamma_and_lambda_as_configured(rl_assets, t
 def test_a_reward_model_critic_starts_by_predicting_the_normalized_reward(rl_assets, tmp_path, critic_from):
     """The critic's init folds the reward normalization into its head (rewards.normalized_head): its
     value of any sequence is (raw reward - mean) / std of the reward model it comes from."""
-    from lmforge.rewards import RewardModelSource
+    from lmforge.rewards.reward_model import RewardModelSource
 
     rm_path = make_reward_checkpoint(tmp_path / "rm.ckpt", rl_assets["tokenizer"], mean=0.5, std=2.0, head_bias=3.0)
     if critic_from == "source":
         overrides = [f"algo.reward.model={rm_path}"]
     else:  # a reward checkpoint that is not among the reward sources: normalized by its own stats
-        overrides = ["algo.reward.sources=[{_target_:lmforge.data.synthetic.ground_truth_reward}]",
+        overrides = ["algo.reward.sources=[{_target_:lmforge.world.synthetic.ground_truth_reward}]",
                      f"algo.critic_from={rm_path}"]
     from lmforge.algos.ppo import build
 
@@ -179,7 +179,7 @@ def test_reward_stats_measured_on_the_initial_policys_samples(rl_assets, tmp_pat
     folds in those statistics."""
     from lmforge.algos.ppo import build
     from lmforge.algos.rollout import sample_rollout, scoring_batch, seed_for
-    from lmforge.rewards import RewardModelSource
+    from lmforge.rewards.reward_model import RewardModelSource
 
     rm_path = make_reward_checkpoint(tmp_path / "rm.ckpt", rl_assets["tokenizer"], mean=0.5, std=2.0, head_bias=3.0)
     cfg = rl_config("ppo", rl_assets, tmp_path / "run", f"algo.reward.model={rm_path}",
@@ -221,7 +221,7 @@ def test_a_reward_checkpoint_as_policy_is_refused_with_an_explanation(rl_assets,
         (["algo.top_k=5"], "algo.top_k=null and algo.top_p=null"),
         (["algo.top_p=0.9"], "algo.top_k=null and algo.top_p=null"),
         (["algo.loss_agg=mean"], "algo.loss_agg='mean'"),
-        (["algo.critic=reward_model", "algo.reward.sources=[{_target_:lmforge.data.synthetic.ground_truth_reward}]"],
+        (["algo.critic=reward_model", "algo.reward.sources=[{_target_:lmforge.world.synthetic.ground_truth_reward}]"],
          "critic_from"),
         (["init_from=null"], "init_from"),
     ],

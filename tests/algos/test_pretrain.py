@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, train_py_cmd
-from lmforge.checkpoint import load_checkpoint
+
 from lmforge.run import main
+from lmforge.training.checkpoint import load_checkpoint
 
 SMOKE = ["experiment=smoke", "logger=csv", "trainer.progress_bar=none"]
 

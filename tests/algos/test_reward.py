@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import compose_config, train_py_cmd
+
 from lmforge.algos.pretrain import PretrainModule
 from lmforge.algos.reward import RewardModule
-from lmforge.checkpoint import CheckpointError, load_checkpoint
 from lmforge.data.preference_data import EncodedPair, collate_pairs, pad_batch
-from lmforge.data.synthetic import SyntheticWorld
 from lmforge.data.tokenizer import train_tokenizer
 from lmforge.run import main
+from lmforge.training.checkpoint import CheckpointError, load_checkpoint
+from lmforge.world.synthetic import SyntheticWorld
 
 SMOKE = ["experiment=smoke", "algo=reward", "logger=none", "trainer.progress_bar=none"]
 

@@ -15,8 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared RL helper
 
 from test_rollout import build_rl_assets, cut_responses, make_policy_checkpoint, record_updates, toy_update
 
-from lmforge.checkpoint import load_checkpoint, load_matching, submodule_state
 from lmforge.model import CausalLM
+from lmforge.training.checkpoint import load_checkpoint, load_matching, submodule_state
 
 
 @pytest.fixture(scope="module")

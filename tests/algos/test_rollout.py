@@ -24,10 +24,10 @@ from lmforge.algos.rollout import (
     shape_scores,
     token_kl,
 )
-from lmforge.checkpoint import FORMAT_VERSION
 from lmforge.data.prompt_data import Prompt
 from lmforge.model import CausalLM, ModelConfig, ScalarModel
 from lmforge.rl import logprobs_from_logits
+from lmforge.training.checkpoint import FORMAT_VERSION
 
 # ============================================================================ shared helpers
 
@@ -141,11 +141,11 @@ def toy_update(algo: str, assets: dict, run_dir: Path, *overrides: str, prepare=
     import importlib
 
     from lmforge.algos import STAGES
-    from lmforge.rewards import RewardFunction
-    from lmforge.trainer import build_trainer
+    from lmforge.rewards.reward_function import RewardFunction
+    from lmforge.training.trainer import build_trainer
 
     cfg = rl_config(algo, assets, run_dir, "trainer.max_steps=1", "trainer.eval_every=100", "algo.eval_at_start=false",
-                    "algo.reward.sources=[{_target_:lmforge.data.synthetic.ground_truth_reward}]",
+                    "algo.reward.sources=[{_target_:lmforge.world.synthetic.ground_truth_reward}]",
                     "algo.max_new_tokens=2", "algo.kl_coef=0.0", "algo.optim.lr=3e-3", *overrides)
     module, dm = importlib.import_module(STAGES[cfg.algo.name]).build(cfg, Path(cfg.run_dir))
     rewarded = set(range(4, cfg.model.vocab_size, 2))

@@ -11,18 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import train_py_cmd
 from omegaconf import open_dict
 
 from lmforge.algos.sft import SFTConfig, SFTModule, build, sft_loss_terms
-from lmforge.model.lm_loss import lm_loss_sum
-from lmforge.checkpoint import CheckpointError, load_checkpoint
 from lmforge.data.sft_data import IGNORE_INDEX, Pair, collate, encode_pairs, plan_epoch
-from lmforge.data.synthetic import SyntheticWorld
 from lmforge.data.templates import BadRecords
 from lmforge.data.tokenizer import train_tokenizer
-from lmforge.evaluation import evaluate_judge, held_out_prompts
+from lmforge.eval.heldout import evaluate_judge, held_out_prompts
 from lmforge.model import CausalLM, ModelConfig
-from conftest import train_py_cmd
+from lmforge.model.lm_loss import lm_loss_sum
+from lmforge.training.checkpoint import CheckpointError, load_checkpoint
+from lmforge.world.synthetic import SyntheticWorld
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = "User: {prompt}\nAssistant:"
@@ -227,7 +227,7 @@ def test_evaluate_judge_scores_greedy_responses(tok):
 
 
 def test_held_out_prompts_are_distinct_test_prompts():
-    from lmforge.data.synthetic import split_of
+    from lmforge.world.synthetic import split_of
 
     p = held_out_prompts(0, 50)
     assert len(set(p)) == 50 and {split_of(x) for x in p} == {"test"}

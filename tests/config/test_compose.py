@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import CONF, compose_config
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, ValidationError
 
-from conftest import CONF, compose_config
 from lmforge.algos import STAGES
 from lmforge.config import RL_ALGOS, ConfigError, validate
 from lmforge.model import CausalLM, ModelConfigError

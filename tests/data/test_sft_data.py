@@ -24,9 +24,9 @@ from lmforge.data.sft_data import (
     split_by_hash,
     synthetic_pairs,
 )
-from lmforge.data.synthetic import SyntheticWorld, split_of
 from lmforge.data.templates import BadRecords
 from lmforge.data.tokenizer import train_tokenizer
+from lmforge.world.synthetic import SyntheticWorld, split_of
 
 TEMPLATE = "User: {prompt}\nAssistant:"
 

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "algos"))  # the sh
 from dist_helpers import read_metrics, run_train  # noqa: E402
 from test_rollout import build_rl_assets  # noqa: E402
 
-from lmforge.checkpoint import load_checkpoint  # noqa: E402
+from lmforge.training.checkpoint import load_checkpoint  # noqa: E402
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 

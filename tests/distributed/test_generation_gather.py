@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from dist_helpers import clean_env, free_port
 
 pytestmark = [pytest.mark.distributed]

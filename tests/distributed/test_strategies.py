@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from dist_helpers import TINY, clean_env, column, dist_cache, free_port, read_metrics, run_train, train_cmd  # noqa: F401
-from lmforge.checkpoint import load_checkpoint
-from lmforge.tracking import wandb_run_files
+
+from lmforge.training.checkpoint import load_checkpoint
+from lmforge.training.tracking import wandb_run_files
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import compose_config
 from omegaconf import OmegaConf
 
-from conftest import compose_config
 from lmforge.model import CausalLM, ModelConfig
-from lmforge.optim import OptimConfig, build_adamw
-from lmforge.strategy import (
+from lmforge.training.optim import OptimConfig, build_adamw
+from lmforge.training.strategy import (
     LmforgeDDPStrategy,
     LmforgeFSDPStrategy,
     StrategyConfig,

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, compose_config
 
 _BUILT: dict[str, dict[str, Path]] = {}
@@ -25,8 +24,8 @@ def build_checkpoints(base: Path) -> dict[str, Path]:
 
     from lmforge.algos.pretrain import PretrainModule
     from lmforge.algos.reward import RewardModule
-    from lmforge.data.synthetic import SyntheticWorld
     from lmforge.data.tokenizer import train_tokenizer
+    from lmforge.world.synthetic import SyntheticWorld
 
     tok = train_tokenizer(SyntheticWorld(0).pretrain_documents(300), 512, base / "cache")
     out = {}

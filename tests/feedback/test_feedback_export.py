@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import compose_config
 from feedback_fixtures import ckpts  # noqa: F401  (session fixture)
+
 from lmforge.data.templates import BadRecords
 from lmforge.feedback.__main__ import main as feedback_main
+from lmforge.feedback.agreement import agreement, krippendorff_alpha_nominal, win_rates
 from lmforge.feedback.export import ExportOptions, preference_records
-from lmforge.feedback.stats import agreement, krippendorff_alpha_nominal, win_rates
 from lmforge.feedback.store import Item, Store
 
 TEMPLATE = "User: {prompt}\nAssistant:"
@@ -127,8 +127,8 @@ def _reward_cfg(*overrides):
 def test_round_trip_into_the_reward_loader(db, tmp_path, ckpts):  # noqa: F811
     """The exported file, read by the reward stage's own loader, gives back exactly the texts the
     models were shown and produced: rendered prompt + response."""
-    from lmforge.checkpoint import load_checkpoint
     from lmforge.data.preference_data import PreferenceBatching, load_preference_splits
+    from lmforge.training.checkpoint import load_checkpoint
 
     out = tmp_path / "pairs.jsonl"
     feedback_main(["export", f"db={db.path}", f"out={out}"])
@@ -148,9 +148,8 @@ def test_data_feedback_reads_the_database_directly(db, tmp_path):
     """`algo=reward data=feedback data.db=...`: the same pairs as the exported file."""
     from hydra.core.config_store import ConfigStore
 
-    from lmforge.data.config import DATA_SCHEMAS
-    from lmforge.data.feedback_data import FeedbackDataConfig, read_feedback_pairs
-    from lmforge.data.preference_data import read_preference_file
+    from lmforge.data.config import DATA_SCHEMAS, FeedbackDataConfig
+    from lmforge.data.preference_data import read_feedback_pairs, read_preference_file
 
     if "feedback" not in DATA_SCHEMAS:  # until lmforge.data.config registers it
         ConfigStore.instance().store(group="data", name="feedback_schema", node=FeedbackDataConfig)
@@ -173,11 +172,8 @@ def test_data_feedback_through_the_reward_datamodule(db, tmp_path, ckpts):  # no
 
     if "feedback" not in DATA_SCHEMAS:
         pytest.skip("lmforge.data.config.DATA_SCHEMAS has no 'feedback' source yet (the registration patch)")
-    from lmforge.checkpoint import load_checkpoint
-
-    from lmforge.data.preference_data import is_val_prompt
-
-    from lmforge.data.feedback_data import read_feedback_pairs
+    from lmforge.data.preference_data import is_val_prompt, read_feedback_pairs
+    from lmforge.training.checkpoint import load_checkpoint
 
     rendered = sorted({p.prompt for p in read_feedback_pairs(_reward_cfg("data=feedback", f"data.db={db.path}").data,
                                                              BadRecords("error"))})
@@ -192,8 +188,9 @@ def test_data_feedback_through_the_reward_datamodule(db, tmp_path, ckpts):  # no
 
 
 def test_missing_database_is_a_clear_error(tmp_path):
+    from lmforge.data.config import FeedbackDataConfig
     from lmforge.data.errors import DataError
-    from lmforge.data.feedback_data import FeedbackDataConfig, read_feedback_pairs
+    from lmforge.data.preference_data import read_feedback_pairs
 
     cfg = FeedbackDataConfig(db=str(tmp_path / "nope.db"))
     with pytest.raises(DataError, match="no such feedback database"):

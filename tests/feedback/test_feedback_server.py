@@ -19,6 +19,7 @@ pytest.importorskip("fastapi", reason="the feedback app needs the `feedback` ext
 httpx = pytest.importorskip("httpx", reason="the server tests talk HTTP with httpx")
 
 from feedback_fixtures import ROOT, FakeSource, ThreadServer, ckpts, free_port  # noqa: E402,F401
+
 from lmforge.feedback.app import FeedbackSession, create_app  # noqa: E402
 from lmforge.feedback.store import Store  # noqa: E402
 

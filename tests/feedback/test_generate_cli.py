@@ -7,19 +7,13 @@ import io
 import json
 
 import pytest
-
 from feedback_fixtures import ckpts  # noqa: F401  (session fixture)
-from lmforge.checkpoint import CheckpointError
-from lmforge.generate import (
-    LanguageModel,
-    SamplingSettings,
-    TextStream,
-    UsageError,
-    compose_cli,
-    main,
-    run_chat,
-    run_cli,
-)
+
+from lmforge.cli import compose_cli, run_cli
+from lmforge.errors import UsageError
+from lmforge.generate import main, run_chat
+from lmforge.inference.language_model import LanguageModel, SamplingSettings, TextStream
+from lmforge.training.checkpoint import CheckpointError
 
 TEMPLATE = "User: {prompt}\nAssistant:"
 
@@ -65,7 +59,7 @@ def test_single_prompt_streams_the_same_text_as_batch_sampling(lm, ckpts, capsys
     assert out_streamed == out_plain == streamed.text + "\n"
     assert streamed.text == plain.text and streamed.n_tokens >= 1
     chunks: list[str] = []
-    from lmforge.generate import make_generator
+    from lmforge.inference.language_model import make_generator
 
     lm.stream(TEMPLATE.format(prompt="What is 2 + 3?"), SamplingSettings(12, 0.8, stop=()), chunks.append,
               make_generator(3))
@@ -158,7 +152,7 @@ def test_free_text_options_are_taken_verbatim():
 
 def test_checkpoint_hash_of_a_model_folder(tmp_path):
     """An HF (or `convert import`) model folder is hashed by its files' names and contents."""
-    from lmforge.generate import file_sha256
+    from lmforge.inference.language_model import file_sha256
 
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}")

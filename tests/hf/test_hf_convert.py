@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from lmforge.convert import main
-from lmforge.hf.config import UnsupportedModelError, family_of, hf_to_model_config, model_config_to_hf
+from lmforge.hf.hf_config import UnsupportedModelError, family_of, hf_to_model_config, model_config_to_hf
 from lmforge.model import ModelConfig
 
 LLAMA = {

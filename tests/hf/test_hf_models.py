@@ -7,12 +7,12 @@ import json
 
 import pytest
 import torch
+from hf_fixtures import hf_models  # noqa: F401  (a session fixture)
 from hf_helpers import build_hf_model, family_configs, hf_transformers, left_padded_batch, positions_of
 
 from lmforge.hf.exporter import export_hf, read_checkpoint
 from lmforge.hf.importer import import_hf, import_to_dir
 from lmforge.model import CausalLM, KVCache, generate
-from hf_fixtures import hf_models  # noqa: F401  (a session fixture)
 
 FAMILIES = list(family_configs())
 ATOL = 1e-5
@@ -139,13 +139,7 @@ def test_lmforge_model_exports_with_its_sentencepiece_tokenizer(tmp_path):
 
 def test_sft_stage_starts_from_an_hf_directory(hf_models, make_cfg, tmp_path):
     """init_from=<HF dir> with the model config `convert config` writes: the stage gets the HF
-    weights and tokenizer (through lmforge.checkpoint.load_checkpoint's directory dispatch)."""
-    import inspect
-
-    from lmforge import checkpoint
-
-    if "load_hf_checkpoint" not in inspect.getsource(checkpoint.load_checkpoint):
-        pytest.skip("needs issue 10's checkpoint.py patch: load_checkpoint dispatching a directory to lmforge.hf")
+    weights and tokenizer (through lmforge.hf.importer.load_any_checkpoint's directory dispatch)."""
     from lmforge.algos.sft import build
     from lmforge.convert import main
 
@@ -173,7 +167,7 @@ def test_legacy_key_layouts_import_and_unknown_tensors_are_refused(name, hf_mode
 
     from safetensors.torch import load_file, save_file
 
-    from lmforge.hf.config import UnsupportedModelError
+    from lmforge.hf.hf_config import UnsupportedModelError
 
     directory, hf = hf_models(name)
     legacy = tmp_path / "legacy"

@@ -9,9 +9,9 @@ import pytest
 import torch
 from hf_helpers import bpe_tokenizer_files, build_hf_model, hf_transformers, sharpen, write_files
 
+from lmforge.data.hf_tokenizer import HFTokenizer
 from lmforge.hf.exporter import ExportWarning, export_hf
 from lmforge.hf.importer import import_hf, import_to_dir
-from lmforge.hf.tokenizer import HFTokenizer
 from lmforge.model import ModelConfig, ScalarModel, gather_last
 
 LLAMA = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64, vocab_size=320, max_seq_len=64)

@@ -9,7 +9,7 @@ import pickle
 import pytest
 from hf_helpers import CHATML, MULTILINGUAL, bpe_tokenizer_files, hf_transformers, write_files
 
-from lmforge.hf.tokenizer import HFTokenizer, load_hf_tokenizer, save_lmforge_tokenizer, tokenizer_from_bytes
+from lmforge.data.hf_tokenizer import HFTokenizer, load_hf_tokenizer, save_lmforge_tokenizer, tokenizer_from_bytes
 
 CHAT = [
     {"role": "system", "content": "You are terse."},

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from lmforge.model import CausalLM, ModelConfig, generate
 from lmforge.model.transformer import KVCache, ModelConfigError
-from lmforge.optim import OptimConfig, build_adamw
+from lmforge.training.optim import OptimConfig, build_adamw
 
 CFG = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64, vocab_size=61, max_seq_len=48)
 ROWS = [[5, 17, 3, 28, 9, 41, 7, 2, 60], [12, 4, 59, 31], [27]]
@@ -139,7 +139,7 @@ def test_adamw_implementations_take_the_same_steps(impl):
 
 
 def test_measuring_the_matmul_peak_leaves_the_global_rng_alone():
-    from lmforge.perf import measure_matmul_peak
+    from lmforge.training.throughput import measure_matmul_peak
 
     torch.manual_seed(5)
     expected = torch.rand(3)

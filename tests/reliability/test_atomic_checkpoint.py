@@ -11,15 +11,14 @@ import signal
 import pytest
 import torch
 
-from lmforge.checkpoint import CheckpointError
-from lmforge.fault import (
+from lmforge.training.checkpoint import CheckpointError, safe_torch_load
+from lmforge.training.fault import (
     AtomicCheckpointIO,
     CheckpointSaveError,
     atomic_torch_save,
     checkpoint_candidates,
     newest_valid_checkpoint,
     remove_stale_temporaries,
-    safe_torch_load,
 )
 
 OLD = {"weights": torch.arange(10.0), "step": 1}

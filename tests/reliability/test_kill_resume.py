@@ -27,7 +27,7 @@ from _reliability import (
     tiny_cfg,
 )
 
-from lmforge.checkpoint import load_checkpoint
+from lmforge.training.checkpoint import load_checkpoint
 
 STEPS, EVAL_EVERY = 12, 4
 COMMON = [f"trainer.max_steps={STEPS}", f"trainer.eval_every={EVAL_EVERY}", "model.dropout=0.1"]

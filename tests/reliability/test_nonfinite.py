@@ -11,9 +11,9 @@ import torch
 from _reliability import one_thread, tiny_cfg  # noqa: F401 (one_thread: a fixture)
 
 from lmforge.algos.pretrain import PretrainModule
-from lmforge.checkpoint import load_checkpoint
-from lmforge.fault import NonFiniteError, collapse_warning, grads_are_finite
 from lmforge.run import main
+from lmforge.training.checkpoint import load_checkpoint
+from lmforge.training.fault import NonFiniteError, collapse_warning, grads_are_finite
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,8 +13,8 @@ import torch
 from _reliability import one_thread, tiny_cfg  # noqa: F401 (one_thread: a fixture)
 
 from lmforge.algos.pretrain import PretrainModule
-from lmforge.checkpoint import load_checkpoint
 from lmforge.run import main
+from lmforge.training.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

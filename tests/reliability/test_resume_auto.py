@@ -17,10 +17,10 @@ from _reliability import (  # noqa: F401
     trained_run,
 )
 
-from lmforge import fault
-from lmforge.checkpoint import load_checkpoint
-from lmforge.fault import newest_valid_checkpoint
 from lmforge.run import main
+from lmforge.training import fault
+from lmforge.training.checkpoint import load_checkpoint
+from lmforge.training.fault import newest_valid_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,7 +9,7 @@ import random
 import numpy as np
 import torch
 
-from lmforge.fault import RNGState
+from lmforge.training.fault import RNGState
 
 
 def draws():

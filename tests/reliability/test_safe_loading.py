@@ -12,7 +12,9 @@ import pytest
 import torch
 from _reliability import one_thread, tiny_cfg, trained_run  # noqa: F401 (one_thread: a fixture)
 
-from lmforge.checkpoint import (
+from lmforge.model import CausalLM
+from lmforge.run import main, prepare_resume
+from lmforge.training.checkpoint import (
     CheckpointError,
     check_compatible,
     load_checkpoint,
@@ -20,9 +22,7 @@ from lmforge.checkpoint import (
     require_stage,
     submodule_state,
 )
-from lmforge.fault import AtomicCheckpointIO, newest_valid_checkpoint
-from lmforge.model import CausalLM
-from lmforge.run import main, prepare_resume
+from lmforge.training.fault import AtomicCheckpointIO, newest_valid_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -68,7 +68,7 @@ def test_a_pickle_with_code_is_refused_by_every_loader(malicious, tmp_path):
 
 
 def test_the_trainer_reads_and_writes_through_the_safe_atomic_io(tmp_path):
-    from lmforge.trainer import build_trainer
+    from lmforge.training.trainer import build_trainer
 
     cfg = tiny_cfg(tmp_path / "run", tmp_path / "cache")
     trainer = build_trainer(cfg, tmp_path / "run", [], _Stub())

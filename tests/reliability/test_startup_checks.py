@@ -11,11 +11,11 @@ from _reliability import tiny_cfg
 from conftest import compose_config
 from omegaconf import OmegaConf, open_dict
 
-from lmforge import fault
 from lmforge.config import ConfigError, validate
-from lmforge.fault import OutputDirError, check_output_dir, estimate_checkpoint_bytes
 from lmforge.model import ModelConfigError
 from lmforge.run import main
+from lmforge.training import fault
+from lmforge.training.fault import OutputDirError, check_output_dir, estimate_checkpoint_bytes
 
 
 @pytest.fixture

@@ -13,18 +13,18 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf
 
-from lmforge.checkpoint import (
+from lmforge.hf.importer import load_any_checkpoint
+from lmforge.model import CausalLM, ModelConfig, generate
+from lmforge.training.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
     check_compatible,
-    load_checkpoint,
     load_matching,
     require_stage,
     submodule_state,
 )
-from lmforge.model import CausalLM, ModelConfig, generate
-from lmforge.optim import OptimConfig, build_adamw, build_scheduler
-from lmforge.tracking import log_text_samples
+from lmforge.training.optim import OptimConfig, build_adamw, build_scheduler
+from lmforge.training.tracking import log_text_samples
 
 
 def model_config(cfg) -> ModelConfig:
@@ -61,8 +61,8 @@ class StageModule(L.LightningModule):
     def configure_model(self) -> None:
         """Lightning's hook, run on every rank once the processes exist and before the optimizer
         is built: FSDP2 sharding of every model under strategy=fsdp, activation checkpointing
-        where asked, the global-batch bookkeeping (lmforge.strategy.configure_for_strategy)."""
-        from lmforge.strategy import configure_for_strategy
+        where asked, the global-batch bookkeeping (lmforge.training.strategy.configure_for_strategy)."""
+        from lmforge.training.strategy import configure_for_strategy
 
         configure_for_strategy(self)
 
@@ -118,7 +118,7 @@ class StageModule(L.LightningModule):
 
     def init_model_from(self, path: str, allowed: tuple[str, ...]) -> None:
         """Start from a previous stage's weights (the whole LM: backbone and LM head)."""
-        ckpt = load_checkpoint(path)
+        ckpt = load_any_checkpoint(path)
         require_stage(ckpt, allowed, "init_from")
         check_compatible(ckpt, self.model_cfg)
         if ckpt.tokenizer.proto() != self.tokenizer.proto():
@@ -134,7 +134,7 @@ class StageModule(L.LightningModule):
 def stage_tokenizer(cfg):
     """The tokenizer of a stage: the init_from checkpoint's (so ids mean the same), else the data's."""
     if cfg.init_from:
-        return load_checkpoint(cfg.init_from).tokenizer
+        return load_any_checkpoint(cfg.init_from).tokenizer
     from lmforge.data.pretrain_data import load_or_train_tokenizer
 
     return load_or_train_tokenizer(cfg.data)

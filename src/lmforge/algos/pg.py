@@ -175,7 +175,7 @@ MODULES = {"reinforce": ReinforceModule, "rloo": RLOOModule, "grpo": GRPOModule}
 
 
 def build(cfg, run_dir):
-    from lmforge.config import ConfigError
+    from lmforge.errors import ConfigError
 
     algo = cfg.algo
     if algo.name in ("rloo", "grpo") and algo.samples_per_prompt < 2:

@@ -53,15 +53,9 @@ from lmforge.algos.rollout import (
     build_rl_stage,
     response_logits,
 )
-from lmforge.checkpoint import (
-    CheckpointError,
-    load_checkpoint,
-    load_matching,
-    require_stage,
-    submodule_state,
-)
+from lmforge.hf.importer import load_any_checkpoint
 from lmforge.model import ScalarModel
-from lmforge.rewards import RewardModelSource, normalized_head
+from lmforge.rewards.reward_model import RewardModelSource, normalized_head
 from lmforge.rl import (
     explained_variance,
     gae_advantages,
@@ -71,6 +65,12 @@ from lmforge.rl import (
     token_entropy,
     token_mean,
     value_loss,
+)
+from lmforge.training.checkpoint import (
+    CheckpointError,
+    load_matching,
+    require_stage,
+    submodule_state,
 )
 
 log = logging.getLogger(__name__)
@@ -112,9 +112,9 @@ class PPOModule(RLStageModule):
 
     def init_critic(self, path: str) -> None:
         """The critic from a reward model (its head with the reward normalization folded in,
-        `lmforge.rewards.normalized_head`, so it predicts the normalized reward the policy is
+        `lmforge.rewards.reward_model.normalized_head`, so it predicts the normalized reward the policy is
         trained on) or from a language model's backbone with a zero head."""
-        ckpt = load_checkpoint(path)
+        ckpt = load_any_checkpoint(path)
         require_stage(ckpt, ("reward", "pretrain", "sft", "ppo"), "algo.critic_from")
         critic = ScalarModel(replace(ckpt.model_config, dropout=0.0))
         if ckpt.stage == "reward":
@@ -193,7 +193,7 @@ class PPOModule(RLStageModule):
 
 
 def build(cfg, run_dir):
-    from lmforge.config import ConfigError
+    from lmforge.errors import ConfigError
 
     algo = cfg.algo
     if algo.critic not in CRITICS:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lmforge.algos.base import StageModule, check_vocab
-from lmforge.optim import OptimConfig
+from lmforge.training.optim import OptimConfig
 
 
 @dataclass

@@ -20,18 +20,18 @@ from dataclasses import dataclass, field
 import torch
 
 from lmforge.algos.base import StageModule, check_vocab
-from lmforge.checkpoint import (
+from lmforge.hf.importer import load_any_checkpoint
+from lmforge.model import ScalarModel, gather_last
+from lmforge.rl import bradley_terry_loss
+from lmforge.training.checkpoint import (
     CheckpointError,
     check_compatible,
-    load_checkpoint,
     load_matching,
     require_stage,
     submodule_state,
 )
-from lmforge.model import ScalarModel, gather_last
-from lmforge.optim import OptimConfig
-from lmforge.rl import bradley_terry_loss
-from lmforge.tracking import log_text_samples
+from lmforge.training.optim import OptimConfig
+from lmforge.training.tracking import log_text_samples
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ class RewardModule(StageModule):
 
     def init_backbone_from(self, path: str) -> None:
         """The backbone of a pretraining or SFT checkpoint; the scalar head stays fresh."""
-        ckpt = load_checkpoint(path)
+        ckpt = load_any_checkpoint(path)
         require_stage(ckpt, ("pretrain", "sft"), "init_from")
         check_compatible(ckpt, self.model_cfg)
         if ckpt.tokenizer.proto() != self.tokenizer.proto():

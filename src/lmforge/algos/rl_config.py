@@ -7,9 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from lmforge.optim import OptimConfig
-from lmforge.rewards import RLRewardConfig
+from lmforge.rewards.reward_function import RLRewardConfig
 from lmforge.rl import LOSS_AGGS
+from lmforge.training.optim import OptimConfig
 
 
 def _rl_optim() -> OptimConfig:
@@ -81,7 +81,7 @@ class RLConfig:
 
 def check_rl_config(cfg) -> None:
     """Refuse RL settings that cannot work, naming the key to change."""
-    from lmforge.config import ConfigError
+    from lmforge.errors import ConfigError
 
     a = cfg.algo
     rows = a.rollout_batch_size * a.samples_per_prompt

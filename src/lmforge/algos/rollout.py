@@ -8,7 +8,7 @@ its start-up check (`check_rl_config`) are in rl_config.py.
 One RL iteration = one `training_step` = one trainer step:
 
 1. generate: `rollout_batch_size` prompts per rank, each sampled `samples_per_prompt` times,
-   batched with the KV cache (`lmforge.model.generate`: temperature, stop at EOS;
+   batched with the KV cache (`lmforge.model.generation`: temperature, stop at EOS;
    prompts of different lengths left-padded in one batch); everything after a row's first EOS
    is masked out;
 2. score: the reward sources (reward models, callables; `lmforge.rewards`), the missing-EOS
@@ -74,10 +74,10 @@ from torch import Tensor
 
 from lmforge.algos.base import StageModule, check_vocab, model_config
 from lmforge.algos.rl_config import RLConfig, check_rl_config
-from lmforge.checkpoint import check_compatible, load_checkpoint, require_stage
-from lmforge.fault import collapse_warning
+from lmforge.hf.importer import load_any_checkpoint
 from lmforge.model import generate
-from lmforge.rewards import RewardFunction, ScoringBatch, build_reward
+from lmforge.rewards.reward_function import RewardFunction, build_reward
+from lmforge.rewards.source import ScoringBatch
 from lmforge.rl import (
     AdaptiveKLController,
     FixedKLController,
@@ -88,8 +88,10 @@ from lmforge.rl import (
     token_rewards,
 )
 from lmforge.rl.stats import masked_mean
-from lmforge.strategy import gathered_for_generation
-from lmforge.tracking import log_text_samples
+from lmforge.training.checkpoint import check_compatible, require_stage
+from lmforge.training.fault import collapse_warning
+from lmforge.training.strategy import gathered_for_generation
+from lmforge.training.tracking import log_text_samples
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +224,7 @@ def gt_judge(data_cfg):
     """The ground-truth judge (raw prompts, responses) -> scores for synthetic data, else None."""
     if data_cfg.source != "synthetic":
         return None
-    from lmforge.data.synthetic import judge_batch
+    from lmforge.world.synthetic import judge_batch
 
     return judge_batch
 
@@ -270,9 +272,9 @@ class RLStageModule(StageModule):
         self.init_model_from(path, allowed=POLICY_STAGES)
         if ref_path and str(ref_path) != str(path):
             ref = self.build_causal_lm()
-            from lmforge.checkpoint import load_matching, submodule_state
+            from lmforge.training.checkpoint import load_matching, submodule_state
 
-            ckpt = load_checkpoint(ref_path)
+            ckpt = load_any_checkpoint(ref_path)
             require_stage(ckpt, POLICY_STAGES, "algo.ref_from")
             check_compatible(ckpt, self.model_cfg, "algo.ref_from")
             load_matching(ref, submodule_state(ckpt.state_dict, "model"), f"algo.ref_from={ref_path}")
@@ -681,12 +683,12 @@ class RLStageModule(StageModule):
     # -- optimizer, checkpoints ------------------------------------------------------------
     @property
     def checkpoint_monitor(self) -> tuple[str, str]:
-        """What best.ckpt keeps (lmforge.trainer reads it): the held-out judge score where there
+        """What best.ckpt keeps (lmforge.training.trainer reads it): the held-out judge score where there
         is one, else the reward of the greedy held-out responses."""
         return ("val/gt_score", "max") if self.judge is not None else ("val/reward", "max")
 
     def global_batch_size(self) -> int:
-        """Sequences per optimizer update, all ranks together (lmforge.strategy.GlobalBatch)."""
+        """Sequences per optimizer update, all ranks together (lmforge.training.strategy.GlobalBatch)."""
         world = self.trainer.world_size if self._trainer is not None else 1
         return int(self.cfg.algo.minibatch_size) * world
 
@@ -719,7 +721,7 @@ def build_rl_stage(cfg, run_dir, module_cls, **module_kwargs):
     check_rl_config(cfg)
     algo = cfg.algo
     # Fail fast, before any data work, on a checkpoint of the wrong kind or shape.
-    ckpt = load_checkpoint(cfg.init_from)
+    ckpt = load_any_checkpoint(cfg.init_from)
     require_stage(ckpt, POLICY_STAGES, "init_from")
     check_compatible(ckpt, model_config(cfg))
     tokenizer = ckpt.tokenizer

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lmforge.algos.base import StageModule, check_vocab, model_config
-from lmforge.optim import OptimConfig
+from lmforge.algos.base import StageModule, check_vocab, model_config, stage_tokenizer
+from lmforge.training.optim import OptimConfig
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class SFTModule(StageModule):
         """val/judge_score and val/exact of the current model (empty without eval prompts)."""
         if not self.eval_prompts or self.cfg.algo.eval_prompts <= 0:
             return {}
-        from lmforge.evaluation import evaluate_judge
+        from lmforge.eval.heldout import evaluate_judge
 
         res = evaluate_judge(self.model, self.tokenizer, self.eval_prompts,
                              prompt_template=self.cfg.data.prompt_template,
@@ -135,20 +135,38 @@ class SFTModule(StageModule):
         return self.adamw_with_schedule(self.model, self.cfg.algo.optim)
 
 
+def sft_tokenizer(cfg):
+    """The init_from checkpoint's tokenizer; else data.tokenizer.path; else one trained on the
+    data: the synthetic world's pretraining text (the same tokenizer pretraining trains), or
+    for JSONL the rendered prompts and responses themselves."""
+    d = cfg.data
+    if cfg.init_from or d.tokenizer.path or d.source != "jsonl":
+        return stage_tokenizer(cfg)
+    from lmforge.data.sft_data import jsonl_pairs
+    from lmforge.data.templates import BadRecords
+    from lmforge.data.tokenizer import train_tokenizer
+
+    bad = BadRecords("skip")  # bad records are reported when the data is built
+    texts = [p.prompt + p.response for p in jsonl_pairs(d, d.path, bad, "data.path")]
+    return train_tokenizer(texts[: d.tokenizer.max_train_docs], d.tokenizer.vocab_size, d.cache_dir,
+                           model_type=d.tokenizer.model_type)
+
+
 def build(cfg, run_dir):
     """SFT: the init_from checkpoint's tokenizer and weights (else a tokenizer from the data and a
     fresh model), prompt/response pairs from data.*, held-out judge prompts for synthetic data."""
-    from lmforge.checkpoint import check_compatible, load_checkpoint, require_stage
-    from lmforge.config import ConfigError
-    from lmforge.data.sft_data import PACKING_MODES, SFTBatching, SFTDataModule, sft_tokenizer
-    from lmforge.evaluation import held_out_prompts
+    from lmforge.data.sft_data import PACKING_MODES, SFTBatching, SFTDataModule
+    from lmforge.errors import ConfigError
+    from lmforge.eval.heldout import held_out_prompts
+    from lmforge.hf.importer import load_any_checkpoint
+    from lmforge.training.checkpoint import check_compatible, require_stage
 
     algo = cfg.algo
     if algo.packing not in PACKING_MODES:
         raise ConfigError(f"algo.packing={algo.packing!r}: use one of {PACKING_MODES}")
     if cfg.init_from:
         # Fail fast, before any data work, on a checkpoint of the wrong kind or shape.
-        ckpt = load_checkpoint(cfg.init_from)
+        ckpt = load_any_checkpoint(cfg.init_from)
         require_stage(ckpt, ("pretrain", "sft"), "init_from")
         check_compatible(ckpt, model_config(cfg))
         tokenizer = ckpt.tokenizer

@@ -100,7 +100,21 @@ class HHDataConfig(JsonlDataConfig):
     assistant_marker: str = "\n\nAssistant:"
 
 
-from lmforge.data.feedback_data import FeedbackDataConfig  # noqa: E402  (it extends DataConfig above)
+@dataclass
+class FeedbackDataConfig(DataConfig):
+    """Preference pairs straight from the feedback app's database (`python -m lmforge.feedback serve`),
+    read with the rules of `python -m lmforge.feedback export`."""
+
+    source: str = "feedback"
+    db: str = MISSING  # the feedback app's SQLite database (feedback.db)
+    # Ties / both-bad as two mirrored pairs (pulling the two rewards together); else left out.
+    include_ties: bool = False
+    include_both_bad: bool = False
+    include_thumbs: bool = True  # up-voted over down-voted responses of the same prompt
+    aggregate: str = "all"  # all: every annotator's judgment is a pair | majority: one per item
+    annotators: Optional[List[str]] = None  # only these annotators (null: everyone)
+    # Held-out pairs are split by prompt hash with val_fraction (DataConfig).
+
 
 DATA_SCHEMAS = {
     "synthetic": SyntheticDataConfig,

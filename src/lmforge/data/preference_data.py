@@ -216,7 +216,7 @@ def is_val_prompt(prompt: str, val_fraction: float) -> bool:
 
 def synthetic_pairs(cfg, n: int, split: str, noise: float, seed_offset: int = 0) -> list[PreferencePair]:
     """The world's annotator's pairs, re-rendered with the configured template and prefix."""
-    from lmforge.data.synthetic import SyntheticWorld, parse_task, strip_prompt_template
+    from lmforge.world.synthetic import SyntheticWorld, parse_task, strip_prompt_template
 
     out, kinds = [], {}
     world = SyntheticWorld(cfg.seed)
@@ -450,8 +450,6 @@ def load_preference_splits(cfg, batching: PreferenceBatching, tokenizer: Tokeniz
 def read_preference_records(cfg, bad: BadRecords) -> list[PreferencePair]:
     """Every good pair of the configured file (jsonl, hh) or feedback database (feedback)."""
     if cfg.source == "feedback":
-        from lmforge.data.feedback_data import read_feedback_pairs
-
         return read_feedback_pairs(cfg, bad)
     return read_preference_file(cfg.path, cfg, bad)
 
@@ -507,3 +505,49 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.load().val, batch_size=self.batching.batch_size, shuffle=False, collate_fn=self.collate)
+
+# ======================================================================== the feedback app's database
+# `algo=reward data=feedback data.db=...`: the pairs are exactly what `python -m lmforge.feedback export`
+# would write (same rules: judgments, thumbs up/down on the same prompt, ties and both-bad only when
+# asked), read at the start of the run from a read-only connection, so the app may keep running and
+# labeling while a reward model trains on what is there.
+
+
+def feedback_records(cfg) -> Iterator[dict]:
+    """{prompt, chosen, rejected, origin, item_id, annotator} dicts from cfg.db (responses without
+    the response_prefix, which the reward stage adds back from data.response_prefix)."""
+    from lmforge.feedback.export import AGGREGATES, ExportOptions, preference_records
+    from lmforge.feedback.store import Store, StoreError
+
+    if cfg.aggregate not in AGGREGATES:
+        raise DataError(f"data.aggregate={cfg.aggregate!r}: use one of {', '.join(AGGREGATES)}")
+    try:
+        store = Store(cfg.db, readonly=True)
+    except FileNotFoundError:
+        raise DataError(f"data.db={cfg.db}: no such feedback database (python -m lmforge.feedback serve "
+                        "makes one; its path is printed when it starts)") from None
+    except StoreError as e:
+        raise DataError(f"data.db={cfg.db}: {e}") from None
+    opts = ExportOptions(
+        keep_ties=cfg.include_ties,
+        keep_both_bad=cfg.include_both_bad,
+        thumbs=cfg.include_thumbs,
+        aggregate=cfg.aggregate,
+        annotators=list(cfg.annotators) if cfg.annotators else None,
+        response_prefix=cfg.response_prefix,
+    )
+    yield from preference_records(store, opts).records
+
+
+def read_feedback_pairs(cfg, bad) -> list:
+    """The database's pairs as the reward stage's PreferencePair (rendered with
+    data.prompt_template, responses prefixed with data.response_prefix); `bad` is the
+    BadRecords of the run."""
+    pairs = []
+    for record in feedback_records(cfg):
+        where = f"{cfg.db}#item={record['item_id']}:{record['origin']}"
+        pair = parse_jsonl_record(record, where, bad, prompt_template=cfg.prompt_template,
+                                  response_prefix=cfg.response_prefix)
+        if pair is not None:
+            pairs.append(pair)
+    return pairs

@@ -4,7 +4,7 @@ Sources (conf/data/<source>.yaml):
 
 * ``data=synthetic``: every prompt of the world's ``train`` split for rollouts; for held-out
   evaluation ``algo.eval_prompts`` prompts of its ``test`` split, the same fixed subset the SFT
-  stage evaluates on (``lmforge.evaluation.held_out_prompts``), so the numbers compare;
+  stage evaluates on (``lmforge.eval.heldout.held_out_prompts``), so the numbers compare;
 * ``data=jsonl``: ``data.prompt_field`` of each record of ``data.path`` (other fields are
   ignored, so SFT or preference files serve as prompt files); evaluation prompts from
   ``data.val_path``, else a stable-hash ``data.val_fraction`` share of the file;
@@ -54,7 +54,7 @@ class Prompt:
 
 def synthetic_prompts(cfg, split: str) -> list[tuple[str, str, str]]:
     """(raw, rendered, origin) for every prompt of the world's `split`, in a fixed order."""
-    from lmforge.data.synthetic import SyntheticWorld
+    from lmforge.world.synthetic import SyntheticWorld
 
     tasks = SyntheticWorld(cfg.seed).all_tasks(split)
     return [(t.prompt, render_prompt(cfg.prompt_template, t.prompt), f"synthetic:{split}:{i}")
@@ -106,7 +106,7 @@ def hh_prompts(cfg, path: str, bad: BadRecords, config_key: str) -> list[tuple[s
 def load_prompt_records(cfg, n_eval: int) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
     """(train, eval) records (raw, rendered, origin) of the configured source."""
     if cfg.source == "synthetic":
-        from lmforge.evaluation import held_out_prompts
+        from lmforge.eval.heldout import held_out_prompts
 
         train = synthetic_prompts(cfg, "train")
         held_out = held_out_prompts(cfg.seed, n_eval, "test")

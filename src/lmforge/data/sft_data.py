@@ -99,7 +99,7 @@ def make_pair(prompt, response, where: str, template: str, response_prefix: str,
 
 def synthetic_pairs(cfg, split: str, n: int) -> list[Pair]:
     """``n`` tasks of the world's ``split`` with their correct answers, rendered by the config."""
-    from lmforge.data.synthetic import SyntheticWorld
+    from lmforge.world.synthetic import SyntheticWorld
 
     bad = BadRecords(cfg.on_bad_record)
     pairs = []
@@ -405,24 +405,3 @@ class SFTDataModule(L.LightningDataModule):
         plan = plan_eval([e.n_inputs for e in self.val_examples], b.batch_size, b.packing)[: b.val_batches]
         return DataLoader(FixedBatches(self.val_examples, plan, self.tokenizer.pad_id), batch_size=None,
                           shuffle=False, num_workers=0)
-
-
-# ======================================================================== tokenizer
-
-
-def sft_tokenizer(cfg) -> Tokenizer:
-    """The init_from checkpoint's tokenizer; else data.tokenizer.path; else one trained on the
-    data: the synthetic world's pretraining text (the same tokenizer pretraining trains), or
-    for JSONL the rendered prompts and responses themselves."""
-    from lmforge.algos.base import stage_tokenizer
-
-    d = cfg.data
-    if cfg.init_from or d.tokenizer.path or d.source != "jsonl":
-        return stage_tokenizer(cfg)
-    from lmforge.data.tokenizer import train_tokenizer
-
-    bad = BadRecords("skip")  # bad records are reported when the data is built
-    texts = [p.prompt + p.response for p in jsonl_pairs(d, d.path, bad, "data.path")]
-    return train_tokenizer(texts[: d.tokenizer.max_train_docs], d.tokenizer.vocab_size, d.cache_dir,
-                           model_type=d.tokenizer.model_type)
-

@@ -41,8 +41,9 @@ from typing import List, Optional
 
 from omegaconf import MISSING, OmegaConf
 
+from lmforge.cli import compose_cli, register_schema, run_cli
+from lmforge.errors import UsageError
 from lmforge.feedback.export import ExportConfig
-from lmforge.generate import UsageError, compose_cli, register_schema, run_cli
 
 MIN_TOKEN_LEN = 16
 
@@ -107,7 +108,7 @@ def check_access(host: str, token: str | None) -> str | None:
 
 
 def load_prompts(spec: str, prompt_field: str) -> list[str]:
-    from lmforge.generate import read_prompts
+    from lmforge.cli import read_prompts
 
     prompts = [r["prompt"] for r in read_prompts(spec, prompt_field)]
     if not prompts:
@@ -117,9 +118,11 @@ def load_prompts(spec: str, prompt_field: str) -> list[str]:
 
 def build_server(cfg: ServeConfig):
     """(app, session, token, db path) of a serve config: loads the models and the database."""
+    from lmforge.cli import decode_escapes
+    from lmforge.data.templates import render_prompt as render
     from lmforge.feedback.app import LOOPBACK_HOSTS, FeedbackSession, ModelPairSource, System, create_app
     from lmforge.feedback.store import Store
-    from lmforge.generate import LanguageModel, SamplingSettings, decode_escapes, render
+    from lmforge.inference.language_model import LanguageModel, SamplingSettings
 
     token = check_access(cfg.host, cfg.token)
     prompts = load_prompts(cfg.prompts, cfg.prompt_field)

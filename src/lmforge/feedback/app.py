@@ -41,7 +41,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Red
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
-from lmforge.feedback.stats import compute_stats
+from lmforge.feedback.agreement import compute_stats
 from lmforge.feedback.store import Item, NotFound, Store, StoreError, now
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,8 @@ class System:
     """One side of the comparison: a checkpoint and the settings it samples with."""
 
     name: str
-    lm: Any  # lmforge.generate.LanguageModel
-    settings: Any  # lmforge.generate.SamplingSettings
+    lm: Any  # lmforge.inference.language_model.LanguageModel
+    settings: Any  # lmforge.inference.language_model.SamplingSettings
     seed: int = 0
 
     def describe(self) -> dict:
@@ -86,7 +86,7 @@ class ModelPairSource:
         return self._described
 
     def generate(self, rendered_prompts: list[str], seed: int) -> list[tuple[str, str]]:
-        from lmforge.generate import make_generator
+        from lmforge.inference.language_model import make_generator
 
         sides = []
         for k, system in enumerate(self.pair):

@@ -12,10 +12,10 @@ Training never imports this package; `tokenizers` is needed only for HF tokenize
 The command line is `python -m lmforge.convert`.
 """
 
-from lmforge.hf.config import SUPPORTED_MODEL_TYPES, UnsupportedModelError
+from lmforge.data.hf_tokenizer import HFTokenizer, tokenizer_from_bytes
 from lmforge.hf.exporter import export_hf
+from lmforge.hf.hf_config import SUPPORTED_MODEL_TYPES, UnsupportedModelError
 from lmforge.hf.importer import import_hf, import_to_dir, is_hf_model_dir, load_hf_checkpoint
-from lmforge.hf.tokenizer import HFTokenizer, tokenizer_from_bytes
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",

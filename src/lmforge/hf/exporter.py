@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lmforge.hf.config import family_of, model_config_to_hf
-from lmforge.hf.tokenizer import HFTokenizer, save_lmforge_tokenizer, tokenizer_from_bytes
+from lmforge.data.hf_tokenizer import HFTokenizer, save_lmforge_tokenizer, tokenizer_from_bytes
+from lmforge.hf.hf_config import family_of, model_config_to_hf
 from lmforge.hf.weights import lmforge_to_hf, save_safetensors
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -42,8 +42,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     read with weights_only=True (no pickled code runs). Reads both tokenizer kinds."""
     from dataclasses import fields
 
-    from lmforge.checkpoint import CheckpointError
     from lmforge.model import ModelConfig
+    from lmforge.training.checkpoint import CheckpointError
 
     path = Path(path)
     if not path.is_file():
@@ -121,7 +121,7 @@ def export_hf(
     gpt2 (default: the natural one for the config). Returns what was written."""
     ckpt = read_checkpoint(checkpoint)
     mc, tok, stage = ckpt["model_config"], ckpt["tokenizer"], ckpt["stage"]
-    from lmforge.checkpoint import submodule_state
+    from lmforge.training.checkpoint import submodule_state
 
     state = submodule_state(ckpt["state_dict"], "model")
     head = "score" if stage == "reward" else "lm"

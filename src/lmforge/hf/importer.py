@@ -1,9 +1,9 @@
 """A Hugging Face model directory -> an lmforge stage checkpoint.
 
-`import_hf(dir)` returns a `StageCheckpoint` like `lmforge.checkpoint.load_checkpoint` does
+`import_hf(dir)` returns a `StageCheckpoint` like `lmforge.training.checkpoint.load_checkpoint` does
 (stage "pretrain" for a causal LM, "reward" for a one-label sequence classifier; state-dict
 keys `model.backbone.*`, `model.lm_head.weight`, `model.head.*`; the tokenizer with its special
-tokens and chat template), so `init_from=<HF dir>` needs only a dispatch in load_checkpoint.
+tokens and chat template), so `init_from=<HF dir>` needs only the dispatch in `load_any_checkpoint` below.
 Its state dict is lazy: weights are read from the memory-mapped safetensors when used.
 
 `import_to_dir(dir, out)` writes that checkpoint as `<out>/lmforge.ckpt` plus
@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from lmforge.hf.config import UnsupportedModelError, hf_to_model_config
-from lmforge.hf.tokenizer import load_hf_tokenizer
+from lmforge.data.hf_tokenizer import load_hf_tokenizer
+from lmforge.hf.hf_config import UnsupportedModelError, hf_to_model_config
 from lmforge.hf.weights import LazyHFState, SafetensorsDir
 
 CHECKPOINT_NAME = "lmforge.ckpt"
@@ -57,7 +57,7 @@ def _head(hf: dict[str, Any]) -> str:
 
 def import_hf(directory: str | Path, *, max_seq_len: int | None = None):
     """The StageCheckpoint of an HF model directory (see the module docstring)."""
-    from lmforge.checkpoint import FORMAT_VERSION, StageCheckpoint
+    from lmforge.training.checkpoint import FORMAT_VERSION, StageCheckpoint
 
     directory = Path(directory)
     hf = read_hf_config(directory)
@@ -129,8 +129,7 @@ def import_to_dir(
 def _write_chat_config(directory: Path, hf: dict[str, Any], path: Path) -> str | None:
     """`+chat=<name>`: data.prompt_template rendered from the model's chat template (one user
     turn, then the assistant's turn opening), data.response_prefix "". None without one."""
-    from lmforge.hf.chat import prompt_template_from_chat
-    from lmforge.hf.tokenizer import HFTokenizer, TokenizerImportError
+    from lmforge.data.hf_tokenizer import HFTokenizer, TokenizerImportError, prompt_template_from_chat
 
     try:
         tokenizer = load_hf_tokenizer(directory, hf)
@@ -165,7 +164,7 @@ def _atomic_save(obj: dict, path: Path) -> None:
 def load_hf_checkpoint(path: str | Path):
     """A directory given as init_from: one `import` wrote (lmforge.ckpt inside), or an HF model
     directory read directly."""
-    from lmforge.checkpoint import CheckpointError, load_checkpoint
+    from lmforge.training.checkpoint import CheckpointError, load_checkpoint
 
     path = Path(path)
     if (path / CHECKPOINT_NAME).is_file():
@@ -176,3 +175,13 @@ def load_hf_checkpoint(path: str | Path):
         f"{path}: a directory without {CHECKPOINT_NAME} or config.json; give a checkpoint file, a directory "
         "written by `python -m lmforge.convert import`, or a Hugging Face model directory"
     )
+
+
+def load_any_checkpoint(path: str | Path, mmap: bool = False):
+    """What `init_from=`, `ckpt=` and a reward source's `path=` accept: a stage checkpoint file,
+    a folder `python -m lmforge.convert import` wrote, or a Hugging Face model folder."""
+    from lmforge.training.checkpoint import load_checkpoint
+
+    if Path(path).is_dir():
+        return load_hf_checkpoint(path)
+    return load_checkpoint(path, mmap=mmap)

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lmforge.hf.config import UnsupportedModelError
+from lmforge.hf.hf_config import UnsupportedModelError
 from lmforge.model import ModelConfig
 
 INDEX = "model.safetensors.index.json"

@@ -1,6 +1,6 @@
 """The decoder-only Transformer, its heads and batched generation."""
 
-from lmforge.model.generate import GenerationOutput, filter_logits, generate, sample_from_logits
+from lmforge.model.generation import GenerationOutput, filter_logits, generate, sample_from_logits
 from lmforge.model.heads import CausalLM, ScalarModel, gather_last, last_token_index
 from lmforge.model.transformer import KVCache, ModelConfig, ModelConfigError, Transformer
 

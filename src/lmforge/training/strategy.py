@@ -697,7 +697,7 @@ def check_global_batch(module: L.LightningModule, trainer) -> None:
         raise StrategyError(
             f"algo.global_batch_size={wanted} but this run steps on {actual} samples (algo.batch_size="
             f"{algo.batch_size} x accumulation {trainer.accumulate_grad_batches} x {trainer.world_size} ranks): "
-            "the accumulation must be derived from it (lmforge.strategy.accumulation_for)"
+            "the accumulation must be derived from it (lmforge.training.strategy.accumulation_for)"
         )
 
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import compose_config
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from conftest import compose_config
-from lmforge import console, tracking
-from lmforge.progress import PlainProgress, RichProgress, progress_callback
+from lmforge.training import console, tracking
+from lmforge.training.progress import PlainProgress, RichProgress, progress_callback
 
 
 def test_identity_from_the_composition(tmp_path):

@@ -7,16 +7,16 @@ import statistics
 
 import pytest
 
-from lmforge.data.synthetic import (
+from lmforge.world.synthetic import (
     KINDS,
     PROMPT_TEMPLATE,
     WORDS,
+    GroundTruthReward,
     SyntheticWorld,
     Task,
     corrupt,
     format_prompt,
     ground_truth_reward,
-    GroundTruthReward,
     judge,
     judge_batch,
     parse_dialogs,

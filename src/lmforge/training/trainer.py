@@ -10,10 +10,10 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lmforge.perf import Throughput, cpu_has_fast_bf16
-from lmforge.precision import mixed_precision_plugin, normalize_precision
-from lmforge.progress import PlainProgress, progress_callback  # noqa: F401  (the progress display, trainer.progress_bar)
-from lmforge.strategy import StrategyConfig  # noqa: F401  (the `strategy` group's schema lives with the strategies)
+from lmforge.training.precision import mixed_precision_plugin, normalize_precision
+from lmforge.training.progress import PlainProgress, progress_callback  # noqa: F401  (the progress display, trainer.progress_bar)
+from lmforge.training.strategy import StrategyConfig  # noqa: F401  (the `strategy` group's schema lives with the strategies)
+from lmforge.training.throughput import Throughput, cpu_has_fast_bf16
 
 
 @dataclass
@@ -57,7 +57,7 @@ def checkpoint_plugins() -> list:
     """Atomic, weights_only checkpoint I/O; under SLURM, SIGUSR1 saves and requeues the job."""
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
-    from lmforge.fault import AtomicCheckpointIO
+    from lmforge.training.fault import AtomicCheckpointIO
 
     plugins: list = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():
@@ -71,15 +71,15 @@ def build_trainer(cfg, run_dir: Path, loggers: list, module: L.LightningModule,
                   extra_callbacks: list | None = None) -> L.Trainer:
     """A Trainer for `module`: its `checkpoint_monitor` (metric, mode) picks the best checkpoint;
     gradient clipping is Lightning's under automatic optimization, the module's own otherwise."""
-    from lmforge.fault import NonFiniteGuard, PeriodicCheckpoint, RNGState
-    from lmforge.strategy import build_strategy
+    from lmforge.training.fault import NonFiniteGuard, PeriodicCheckpoint, RNGState
+    from lmforge.training.strategy import build_strategy
 
     t: TrainerConfig = cfg.trainer
     ckpt_dir = run_dir / "checkpoints"
     monitor, mode = getattr(module, "checkpoint_monitor", ("val/loss", "min"))
     clip = cfg.algo.optim.grad_clip if module.automatic_optimization else 0.0
     precision = resolve_precision(t)
-    # *-mixed: our plugin, which clips gradients under fused AdamW too (lmforge/precision.py).
+    # *-mixed: our plugin, which clips gradients under fused AdamW too (lmforge/training/precision.py).
     mixed = mixed_precision_plugin(precision, t.accelerator, cfg.strategy.name)
     callbacks = [
         # best.ckpt; last.ckpt is PeriodicCheckpoint's (written at every validation, not only on improvement)

@@ -49,7 +49,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 log = logging.getLogger(__name__)
 
-# The checkpoint entry naming the W&B run a checkpoint belongs to (lmforge.tracking writes it).
+# The checkpoint entry naming the W&B run a checkpoint belongs to (lmforge.training.tracking writes it).
 CHECKPOINT_KEY = "lmforge_tracking"
 # Config groups that are not part of a run's identity (the tags and the report skip them).
 _NOT_IDENTITY = ("hydra", "logger")

@@ -7,6 +7,7 @@ that smuggles code in a pickle is refused, never executed.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -14,8 +15,8 @@ from typing import Any
 
 import torch
 
+from lmforge.data.hf_tokenizer import HFTokenizer, tokenizer_from_bytes  # imports `tokenizers` only for HF blobs
 from lmforge.data.tokenizer import Tokenizer
-from lmforge.hf.tokenizer import HFTokenizer, tokenizer_from_bytes  # imports `tokenizers` only for HF blobs
 from lmforge.model import ModelConfig
 
 FORMAT_VERSION = 1
@@ -37,16 +38,15 @@ class StageCheckpoint:
 
 
 def load_checkpoint(path: str | Path, mmap: bool = False) -> StageCheckpoint:
-    """Read a checkpoint with weights_only=True (mmap: tensors are paged in only when used).
-    A directory is a Hugging Face model (read directly, weights converted lazily) or one that
-    `python -m lmforge.convert import` wrote (its lmforge.ckpt)."""
-    from lmforge.fault import safe_torch_load
-
+    """Read a checkpoint file with weights_only=True (mmap: tensors are paged in only when used).
+    A folder (a Hugging Face model, or one `python -m lmforge.convert import` wrote) is read one
+    layer up, by `lmforge.hf.importer.load_any_checkpoint`, which every `init_from=`/`ckpt=` uses."""
     path = Path(path)
     if path.is_dir():
-        from lmforge.hf.importer import load_hf_checkpoint
-
-        return load_hf_checkpoint(path)
+        raise CheckpointError(
+            f"{path}: a folder, not a checkpoint file; Hugging Face and `convert import` folders are read "
+            "by lmforge.hf.importer.load_any_checkpoint"
+        )
     raw = safe_torch_load(path, map_location="cpu", mmap=mmap)
     meta = raw.get("lmforge") if isinstance(raw, dict) else None
     if not meta:
@@ -55,6 +55,26 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> StageCheckpoint:
     mc = ModelConfig(**{k: v for k, v in meta["model_config"].items() if k in known})
     tokenizer = tokenizer_from_bytes(meta["tokenizer"].numpy().tobytes(), source=str(path))
     return StageCheckpoint(path, meta["stage"], mc, tokenizer, raw.get("state_dict", {}), meta, raw)
+
+
+def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """torch.load(weights_only=True): tensors and plain containers only, never code.
+
+    Raises CheckpointError naming the file when it is truncated, not a
+    checkpoint, or contains pickled objects (which are refused, not executed).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - any failure here means "not a usable checkpoint"
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise CheckpointError(
+            f"{path}: cannot be read as a checkpoint with weights_only=True ({type(e).__name__}: {first}). "
+            "It is truncated, not a lmforge checkpoint, or contains pickled code, which lmforge refuses "
+            "to execute."
+        ) from None
 
 
 def submodule_state(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

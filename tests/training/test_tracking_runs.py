@@ -12,13 +12,13 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import compose_config
 from omegaconf import OmegaConf, open_dict
 
-from conftest import compose_config
-from lmforge import tracking
-from lmforge.checkpoint import load_checkpoint
 from lmforge.report import main as report_main
 from lmforge.run import main
+from lmforge.training import tracking
+from lmforge.training.checkpoint import load_checkpoint
 
 # A nano model on 2 x 16-token batches: each step is a few milliseconds of compute.
 TINY = ["experiment=smoke", "model=nano", "logger=[wandb,csv,tensorboard]", "trainer.progress_bar=plain",

@@ -90,7 +90,7 @@ raises ``ValueError``. Scoring (:func:`score_response`):
 
 :func:`judge_batch` and :func:`ground_truth_reward` apply it to lists; the latter
 is the reward callable configs name as
-``_target_: lmforge.data.synthetic.ground_truth_reward`` (with Hydra's
+``_target_: lmforge.world.synthetic.ground_truth_reward`` (with Hydra's
 ``_partial_: true``, or instantiate :class:`GroundTruthReward` instead).
 
 Preference pairs and annotator noise

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "algos"))  # the shared RL helpers
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "algos"))  # the shared RL helpers
 
 from test_rollout import (
     build_rl_assets,
@@ -18,16 +18,12 @@ from test_rollout import (
     save_stage_checkpoint,
 )
 
-from lmforge.checkpoint import CheckpointError, load_checkpoint
-from lmforge.data.synthetic import judge_batch
 from lmforge.model import CausalLM, ScalarModel, gather_last
-from lmforge.rewards import (
-    RewardConfigError,
-    RewardModelSource,
-    ScoringBatch,
-    build_reward,
-    normalized_head,
-)
+from lmforge.rewards.reward_function import build_reward
+from lmforge.rewards.reward_model import RewardModelSource, normalized_head
+from lmforge.rewards.source import RewardConfigError, ScoringBatch
+from lmforge.training.checkpoint import CheckpointError, load_checkpoint
+from lmforge.world.synthetic import judge_batch
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +45,12 @@ def batch_of(prompts=PROMPTS, responses=RESPONSES) -> ScoringBatch:
 
 
 def test_a_callable_named_by_target_scores_text():
-    reward = build_reward({"sources": [{"_target_": "lmforge.data.synthetic.ground_truth_reward"}]})
+    reward = build_reward({"sources": [{"_target_": "lmforge.world.synthetic.ground_truth_reward"}]})
     total, parts = reward(batch_of())
     assert total.tolist() == pytest.approx(judge_batch(PROMPTS, RESPONSES))
     assert list(parts) == ["ground_truth_reward"]
     # A class is instantiated, a function gets its args bound.
-    cls = build_reward({"sources": [{"_target_": "lmforge.data.synthetic.GroundTruthReward", "name": "gt"}]})
+    cls = build_reward({"sources": [{"_target_": "lmforge.world.synthetic.GroundTruthReward", "name": "gt"}]})
     assert cls(batch_of())[0].tolist() == total.tolist()
     scaled = build_reward({"sources": [{"_target_": "test_rewards.length_reward", "args": {"per_char": 0.5}}]})
     assert scaled(batch_of())[0].tolist() == [0.5 * len(r) for r in RESPONSES]
@@ -107,7 +103,7 @@ def test_reward_model_reads_the_policy_tokens_left_padded_like_the_text(rl_asset
 def test_sources_combine_with_weights_and_report_each(rl_assets):
     reward = build_reward({
         "model": str(rl_assets["reward"]),
-        "sources": [{"_target_": "lmforge.data.synthetic.ground_truth_reward", "weight": 0.5, "name": "gt"},
+        "sources": [{"_target_": "lmforge.world.synthetic.ground_truth_reward", "weight": 0.5, "name": "gt"},
                     {"_target_": "test_rewards.length_reward", "weight": -0.1}],
     }, tokenizer=rl_assets["tokenizer"])
     total, parts = reward(batch_of())
@@ -166,3 +162,14 @@ def test_gather_last_reads_the_eos_of_left_and_right_padded_rows():
     values = torch.arange(12.0).view(2, 6)
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], dtype=torch.bool)
     assert gather_last(values, mask).tolist() == [5.0, 8.0]
+
+
+def test_a_reward_target_that_moved_still_resolves_with_a_warning(caplog):
+    """Configs written before the package was reorganized name the judge by its old path."""
+    from lmforge.rewards.source import RENAMED_TARGETS, resolve_callable
+
+    for old, new in RENAMED_TARGETS.items():
+        with caplog.at_level("WARNING"):
+            fn = resolve_callable(old)
+        assert fn is resolve_callable(new)
+        assert f"moved to {new}" in caplog.text

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import lmforge.perf as perf
+import lmforge.training.throughput as perf
 
 
 class FakeModule:

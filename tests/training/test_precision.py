@@ -24,16 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "algos"))  # the shared RL helpers
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "algos"))  # the shared RL helpers
 
 from conftest import compose_config  # noqa: E402
 from test_rollout import build_rl_assets, rl_config  # noqa: E402
 
 import lmforge.run  # noqa: E402
-from lmforge.checkpoint import load_checkpoint  # noqa: E402
 from lmforge.model import CausalLM, KVCache, ModelConfig, generate  # noqa: E402
-from lmforge.precision import ClippingMixedPrecision, PrecisionError, mixed_precision_plugin  # noqa: E402
-from lmforge.trainer import TrainerConfig, resolve_precision  # noqa: E402
+from lmforge.training.checkpoint import load_checkpoint  # noqa: E402
+from lmforge.training.precision import ClippingMixedPrecision, PrecisionError, mixed_precision_plugin  # noqa: E402
+from lmforge.training.trainer import TrainerConfig, resolve_precision  # noqa: E402
 
 CLIP = 1e-3  # far below any real gradient norm, so every step is clipped and the clip is visible
 
@@ -58,7 +58,7 @@ CLIP = 1e-3  # far below any real gradient norm, so every step is clipped and th
 def test_auto_precision_for_each_kind_of_machine(monkeypatch, cuda, cuda_bf16, cpu_bf16, accelerator, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda_bf16)
-    monkeypatch.setattr("lmforge.trainer.cpu_has_fast_bf16", lambda: cpu_bf16)
+    monkeypatch.setattr("lmforge.training.trainer.cpu_has_fast_bf16", lambda: cpu_bf16)
     assert resolve_precision(TrainerConfig(accelerator=accelerator)) == expected
     for pinned in ("32-true", "bf16-mixed"):
         assert resolve_precision(TrainerConfig(accelerator=accelerator, precision=pinned)) == pinned

@@ -136,14 +136,14 @@ class StepProgress(ProgressBar):
 
 class PlainProgress(StepProgress):
     """Not a terminal (CI, a log file): one line every `every` steps, one per validation and one at
-    the end, through the `lmforge.progress` logger (printed where no logging is configured)."""
+    the end, through the `lmforge.training.progress` logger (printed where no logging is configured)."""
 
     def __init__(self, every: int = 10):
         super().__init__()
         self.every = max(1, int(every))
 
     def _emit(self, line: str) -> None:
-        if log.hasHandlers():  # logging is configured (lmforge.console, Hydra): it decides
+        if log.hasHandlers():  # logging is configured (lmforge.training.console, Hydra): it decides
             log.info(line)
         else:
             print(line, flush=True)

@@ -41,6 +41,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lmforge.training.checkpoint import CheckpointError, safe_torch_load
+
 log = logging.getLogger(__name__)
 
 LAST = "last.ckpt"
@@ -115,28 +117,6 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike, write: Callable[[Any, A
             raise CheckpointSaveError(f"could not write checkpoint {path} ({e}): the disk may be full; {kept}") from e
         raise
     _fsync_dir(path.parent)
-
-
-def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> Any:
-    """torch.load(weights_only=True): tensors and plain containers only, never code.
-
-    Raises lmforge.checkpoint.CheckpointError naming the file when it is truncated, not a
-    checkpoint, or contains pickled objects (which are refused, not executed).
-    """
-    from lmforge.checkpoint import CheckpointError
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except Exception as e:  # noqa: BLE001 - any failure here means "not a usable checkpoint"
-        first = (str(e).splitlines() or [""])[0][:200]
-        raise CheckpointError(
-            f"{path}: cannot be read as a checkpoint with weights_only=True ({type(e).__name__}: {first}). "
-            "It is truncated, not a lmforge checkpoint, or contains pickled code, which lmforge refuses "
-            "to execute."
-        ) from None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -524,8 +504,6 @@ def probe_checkpoint(path: str | os.PathLike, verify_data: bool = False) -> Chec
     """Cheaply check that `path` is a complete, resumable lmforge checkpoint (mmap'ed, tensors
     not read); with verify_data, also check every stored CRC (reads the whole file; only for
     files under VERIFY_CRC_BELOW). Raises CheckpointError saying what is wrong."""
-    from lmforge.checkpoint import CheckpointError
-
     path = Path(path)
     raw = safe_torch_load(path, mmap=True)
     if not isinstance(raw, dict) or "lmforge" not in raw:
@@ -561,8 +539,6 @@ def newest_valid_checkpoint(run_dir: str | os.PathLike, say: Callable[[str], Non
     checksums are verified too (falling back to the next best if they do not match).
     """
     say = say or log.info
-    from lmforge.checkpoint import CheckpointError
-
     infos: list[CheckpointInfo] = []
     for path in checkpoint_candidates(run_dir):
         try:
@@ -662,5 +638,4 @@ __all__ = [
     "probe_checkpoint",
     "remove_stale_temporaries",
     "restore_rng_state",
-    "safe_torch_load",
 ]

@@ -8,10 +8,10 @@ import os
 import subprocess
 
 import pytest
-
 from conftest import train_py_cmd
-from lmforge import tracking
+
 from lmforge.report import report
+from lmforge.training import tracking
 
 
 @pytest.mark.slow
