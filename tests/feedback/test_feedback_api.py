@@ -17,10 +17,10 @@ pytest.importorskip("httpx", reason="FastAPI's TestClient needs httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 from feedback_fixtures import FakeSource, ThreadServer  # noqa: E402
 
+from lmforge.data.feedback_store import Store  # noqa: E402
 from lmforge.errors import UsageError  # noqa: E402
 from lmforge.feedback.__main__ import check_access, default_db  # noqa: E402
 from lmforge.feedback.app import FeedbackSession, create_app  # noqa: E402
-from lmforge.feedback.store import Store  # noqa: E402
 
 PROMPTS = ["What is 2 + 3?", "Reverse the word cat.", "<script>alert(1)</script>", "Name a color."]
 TEMPLATE = "User: {prompt}\nAssistant:"

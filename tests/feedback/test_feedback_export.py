@@ -9,11 +9,11 @@ import pytest
 from conftest import compose_config
 from feedback_fixtures import ckpts  # noqa: F401  (session fixture)
 
+from lmforge.data.feedback_export import ExportOptions, preference_records
+from lmforge.data.feedback_store import Item, Store
 from lmforge.data.templates import BadRecords
 from lmforge.feedback.__main__ import main as feedback_main
 from lmforge.feedback.agreement import agreement, krippendorff_alpha_nominal, win_rates
-from lmforge.feedback.export import ExportOptions, preference_records
-from lmforge.feedback.store import Item, Store
 
 TEMPLATE = "User: {prompt}\nAssistant:"
 SYS = ({"name": "1", "temperature": 0.7}, {"name": "2", "temperature": 1.2})

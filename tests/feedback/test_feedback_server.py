@@ -20,8 +20,8 @@ httpx = pytest.importorskip("httpx", reason="the server tests talk HTTP with htt
 
 from feedback_fixtures import ROOT, FakeSource, ThreadServer, ckpts, free_port  # noqa: E402,F401
 
+from lmforge.data.feedback_store import Store  # noqa: E402
 from lmforge.feedback.app import FeedbackSession, create_app  # noqa: E402
-from lmforge.feedback.store import Store  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -516,8 +516,8 @@ class PreferenceDataModule(L.LightningDataModule):
 def feedback_records(cfg) -> Iterator[dict]:
     """{prompt, chosen, rejected, origin, item_id, annotator} dicts from cfg.db (responses without
     the response_prefix, which the reward stage adds back from data.response_prefix)."""
-    from lmforge.feedback.export import AGGREGATES, ExportOptions, preference_records
-    from lmforge.feedback.store import Store, StoreError
+    from lmforge.data.feedback_export import AGGREGATES, ExportOptions, preference_records
+    from lmforge.data.feedback_store import Store, StoreError
 
     if cfg.aggregate not in AGGREGATES:
         raise DataError(f"data.aggregate={cfg.aggregate!r}: use one of {', '.join(AGGREGATES)}")

@@ -1,6 +1,9 @@
-"""Human feedback: a web app to judge sampled responses, its SQLite store, and the export of
-judgments as reward-model training pairs. Run `python -m lmforge.feedback --help`.
+"""Human feedback: a web app to judge sampled responses (app.py), annotator agreement and win
+rates (agreement.py), and its command line `python -m lmforge.feedback serve|export|stats`.
 
-Importing the package needs neither FastAPI nor torch: `store`, `stats` and `export` use the
-standard library only; `app` (FastAPI) and the model are imported by `serve`.
+The database the app writes and the rules that turn judgments into reward-model pairs are a data
+source like any other, so they live in the data layer: `lmforge.data.feedback_store` and
+`lmforge.data.feedback_export` (what `data=feedback` and `python -m lmforge.feedback export` read).
+Importing the package needs neither FastAPI nor torch: `app` (FastAPI) and the model are imported
+by `serve`.
 """

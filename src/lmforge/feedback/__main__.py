@@ -24,7 +24,7 @@ response, u/d: thumbs up/down on it, c: comment on it, n: skip, ?: help.
   ahead of the annotator), device=cpu.
 
 export: writes the {prompt, chosen, rejected} JSONL that `python train.py algo=reward
-data=jsonl data.path=pairs.jsonl` reads (see lmforge.feedback.export for the rules: thumbs
+data=jsonl data.path=pairs.jsonl` reads (see lmforge.data.feedback_export for the rules: thumbs
 become pairs too; ties and both-bad are left out unless keep_ties / keep_both_bad).
 `python train.py algo=reward data=feedback data.db=<feedback.db>` reads the database directly.
 """
@@ -42,8 +42,8 @@ from typing import List, Optional
 from omegaconf import MISSING, OmegaConf
 
 from lmforge.cli import compose_cli, register_schema, run_cli
+from lmforge.data.feedback_export import ExportConfig
 from lmforge.errors import UsageError
-from lmforge.feedback.export import ExportConfig
 
 MIN_TOKEN_LEN = 16
 
@@ -119,9 +119,9 @@ def load_prompts(spec: str, prompt_field: str) -> list[str]:
 def build_server(cfg: ServeConfig):
     """(app, session, token, db path) of a serve config: loads the models and the database."""
     from lmforge.cli import decode_escapes
+    from lmforge.data.feedback_store import Store
     from lmforge.data.templates import render_prompt as render
     from lmforge.feedback.app import LOOPBACK_HOSTS, FeedbackSession, ModelPairSource, System, create_app
-    from lmforge.feedback.store import Store
     from lmforge.inference.language_model import LanguageModel, SamplingSettings
 
     token = check_access(cfg.host, cfg.token)
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None):
     cfg = OmegaConf.to_object(node)
     if command == "serve":
         return serve(cfg)
-    from lmforge.feedback.export import AGGREGATES, export
+    from lmforge.data.feedback_export import AGGREGATES, export
 
     if cfg.aggregate not in AGGREGATES:
         raise UsageError(f"aggregate={cfg.aggregate!r}: use one of {', '.join(AGGREGATES)}")

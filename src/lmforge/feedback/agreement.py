@@ -14,7 +14,7 @@ from collections import Counter, defaultdict
 from itertools import combinations
 from typing import Iterable
 
-from lmforge.feedback.store import CHOICES, Store
+from lmforge.data.feedback_store import CHOICES, Store
 
 
 def krippendorff_alpha_nominal(units: Iterable[list[str]]) -> float | None:

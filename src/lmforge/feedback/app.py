@@ -41,8 +41,8 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Red
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
+from lmforge.data.feedback_store import Item, NotFound, Store, StoreError, now
 from lmforge.feedback.agreement import compute_stats
-from lmforge.feedback.store import Item, NotFound, Store, StoreError, now
 
 log = logging.getLogger(__name__)
 

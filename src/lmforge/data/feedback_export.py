@@ -38,7 +38,7 @@ from typing import List, Optional
 
 from omegaconf import MISSING
 
-from lmforge.feedback.store import Item, Store
+from lmforge.data.feedback_store import Item, Store
 
 AGGREGATES = ("all", "majority")
 
