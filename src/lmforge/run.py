@@ -26,12 +26,8 @@ from lmforge.training.checkpoint import (
     check_resume,
     load_checkpoint,
 )
-from lmforge.training.fault import (
-    check_output_dir,
-    estimate_checkpoint_bytes,
-    newest_valid_checkpoint,
-    remove_stale_temporaries,
-)
+from lmforge.training.checkpoint_io import newest_valid_checkpoint, remove_stale_temporaries
+from lmforge.training.fault import check_output_dir, estimate_checkpoint_bytes
 from lmforge.training.trainer import build_trainer
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lmforge.training.checkpoint import CheckpointError, safe_torch_load
-from lmforge.training.fault import (
+from lmforge.training.checkpoint_io import (
     AtomicCheckpointIO,
     CheckpointSaveError,
     atomic_torch_save,

@@ -18,9 +18,9 @@ from _reliability import (  # noqa: F401
 )
 
 from lmforge.run import main
-from lmforge.training import fault
+from lmforge.training import checkpoint_io
 from lmforge.training.checkpoint import load_checkpoint
-from lmforge.training.fault import newest_valid_checkpoint
+from lmforge.training.checkpoint_io import newest_valid_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,13 +28,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_wall_time_checkpoints_keep_the_last_k_and_go_through_the_atomic_writer(
         tmp_path, shared_cache, monkeypatch):
     written = []
-    real = fault.atomic_torch_save
+    real = checkpoint_io.atomic_torch_save
 
     def spy(obj, path, write=None):
         written.append((path.name, obj["global_step"]))
         return real(obj, path, write)
 
-    monkeypatch.setattr(fault, "atomic_torch_save", spy)
+    monkeypatch.setattr(checkpoint_io, "atomic_torch_save", spy)
     run = tmp_path / "run"
     # No validation within the run (eval_every > max_steps): every save here is the wall-time one,
     # due after each step with so short an interval.

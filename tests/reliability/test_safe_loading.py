@@ -22,7 +22,7 @@ from lmforge.training.checkpoint import (
     require_stage,
     submodule_state,
 )
-from lmforge.training.fault import AtomicCheckpointIO, newest_valid_checkpoint
+from lmforge.training.checkpoint_io import AtomicCheckpointIO, newest_valid_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

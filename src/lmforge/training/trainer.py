@@ -57,7 +57,7 @@ def checkpoint_plugins() -> list:
     """Atomic, weights_only checkpoint I/O; under SLURM, SIGUSR1 saves and requeues the job."""
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
-    from lmforge.training.fault import AtomicCheckpointIO
+    from lmforge.training.checkpoint_io import AtomicCheckpointIO
 
     plugins: list = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():
