@@ -34,7 +34,7 @@ from lmforge.data.tokenized import build_token_dataset
 from lmforge.data.tokenizer import train_tokenizer
 from lmforge.model import CausalLM
 from lmforge.training.optim import OptimConfig, build_adamw
-from lmforge.world.synthetic import SyntheticWorld
+from lmforge.world.generator import SyntheticWorld
 
 
 def rate(fn, repeats: int = 3) -> float:

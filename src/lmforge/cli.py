@@ -107,7 +107,8 @@ def run_cli(main: Callable[[list[str]], Any], argv: list[str], doc: str) -> int:
 def read_prompts(spec: str, prompt_field: str = "prompt") -> Iterator[dict]:
     """Records with a "prompt" (and any other fields of a .jsonl record) from a prompts spec."""
     if spec.startswith("synthetic:"):
-        from lmforge.world.synthetic import SyntheticWorld, strip_prompt_template
+        from lmforge.world.generator import SyntheticWorld
+        from lmforge.world.tasks import strip_prompt_template
 
         try:
             n = int(spec.split(":", 1)[1])

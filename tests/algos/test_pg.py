@@ -56,7 +56,7 @@ def test_group_methods_need_several_samples_per_prompt(algo, rl_assets, tmp_path
     from lmforge.algos.pg import build
 
     cfg = rl_config(algo, rl_assets, tmp_path / "run", "algo.samples_per_prompt=1",
-                    "algo.reward.sources=[{_target_:lmforge.world.synthetic.ground_truth_reward}]")
+                    "algo.reward.sources=[{_target_:lmforge.world.judge.ground_truth_reward}]")
     with pytest.raises(ConfigError, match="samples_per_prompt >= 2"):
         build(cfg, tmp_path / "run")
 
@@ -82,7 +82,7 @@ def test_grpo_keeps_the_kl_out_of_the_advantages(rl_assets, tmp_path):
 
     for cls, algo in ((GRPOModule, "grpo"), (RLOOModule, "rloo")):
         cfg = rl_config(algo, rl_assets, tmp_path / algo, "algo.samples_per_prompt=2", "algo.kl_coef=0.5",
-                        "algo.reward.sources=[{_target_:lmforge.world.synthetic.ground_truth_reward}]")
+                        "algo.reward.sources=[{_target_:lmforge.world.judge.ground_truth_reward}]")
         module = cls.__new__(cls)
         torch.nn.Module.__init__(module)
         module.cfg = cfg
@@ -124,7 +124,7 @@ def test_grpo_module_advantages_hand_values(rl_assets, tmp_path, scale):
 
     cfg = rl_config("grpo", rl_assets, tmp_path / "run", "algo.samples_per_prompt=4", "algo.rollout_batch_size=2",
                     "algo.minibatch_size=8", f"algo.scale_rewards={str(scale).lower()}",
-                    "algo.reward.sources=[{_target_:lmforge.world.synthetic.ground_truth_reward}]")
+                    "algo.reward.sources=[{_target_:lmforge.world.judge.ground_truth_reward}]")
     module, _ = build(cfg, tmp_path / "run")
     ro = grpo_rollout([1.0, 0.0, 0.0, 0.0, 2.0, 2.0, 0.0, 0.0])
     module.compute_advantages(ro)
@@ -150,7 +150,7 @@ def test_unworkable_settings_are_refused_naming_the_key(algo, overrides, message
     k = 1 if algo == "reinforce" else 2
     cfg = rl_config(algo, rl_assets, tmp_path / "run", f"algo.samples_per_prompt={k}",
                     f"algo.rollout_batch_size={4 // k}", "algo.minibatch_size=4",
-                    "algo.reward.sources=[{_target_:lmforge.world.synthetic.ground_truth_reward}]", *overrides)
+                    "algo.reward.sources=[{_target_:lmforge.world.judge.ground_truth_reward}]", *overrides)
     with pytest.raises(ConfigError, match=message):
         build(cfg, tmp_path / "run")
 
@@ -167,7 +167,7 @@ def test_grpo_module_loss_uses_the_configured_kl_estimator(estimator, rl_assets,
 
     cfg = rl_config("grpo", rl_assets, tmp_path / "run", "algo.samples_per_prompt=2", "algo.rollout_batch_size=2",
                     f"algo.kl_estimator={estimator}",
-                    "algo.reward.sources=[{_target_:lmforge.world.synthetic.ground_truth_reward}]")
+                    "algo.reward.sources=[{_target_:lmforge.world.judge.ground_truth_reward}]")
     module, dm = build(cfg, tmp_path / "run")
     ro, _ = module.make_rollout(dm.train_prompts[:2], step=0)
     module.compute_advantages(ro)

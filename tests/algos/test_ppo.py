@@ -55,7 +55,7 @@ def check_val_gt_score(cfg, result) -> None:
     """The final val/gt_score is the judge's mean score of the final policy's greedy answers to the
     held-out prompts, recomputed here from the saved checkpoint."""
     from lmforge.algos.ppo import build
-    from lmforge.world.synthetic import judge_batch
+    from lmforge.world.judge import judge_batch
 
     module, _ = build(cfg, Path(cfg.run_dir))
     load_matching(module.model, submodule_state(load_checkpoint(result["last_checkpoint"]).state_dict, "model"),
@@ -110,7 +110,7 @@ def test_ppo_checkpoint_is_a_loadable_policy_with_lineage(rl_assets, tmp_path):
     assert changed, "PPO updates must change the policy"
     # An RL checkpoint can start another RL run (e.g. a second PPO round).
     main(rl_config("ppo", rl_assets, tmp_path / "again", f"init_from={result['last_checkpoint']}",
-                   "algo.critic=policy_head", "algo.reward.sources=[{_target_:lmforge.world.synthetic.ground_truth_reward}]",
+                   "algo.critic=policy_head", "algo.reward.sources=[{_target_:lmforge.world.judge.ground_truth_reward}]",
                    "trainer.max_steps=1", "trainer.eval_every=100", "algo.eval_at_start=false"))
 
 
@@ -128,7 +128,7 @@ def test_gae_through_the_module_uses_gamma_and_lambda_as_configured(rl_assets, t
 
     module = ppo_module(rl_assets, tmp_path / "run", "algo.critic=policy_head", "algo.gamma=0.9", "algo.lam=0.5",
                         "algo.whiten_advantages=false", "algo.kl_coef=0.5",
-                        "algo.reward.sources=[{_target_:lmforge.world.synthetic.ground_truth_reward}]")
+                        "algo.reward.sources=[{_target_:lmforge.world.judge.ground_truth_reward}]")
     ro = Rollout(prompts=[None], sequences=torch.zeros(1, 5, dtype=torch.long),
                  attention_mask=torch.ones(1, 5, dtype=torch.bool), prompt_len=2,
                  response_mask=torch.ones(1, 3, dtype=torch.bool), ended=torch.ones(1, dtype=torch.bool),
@@ -160,7 +160,7 @@ def test_a_reward_model_critic_starts_by_predicting_the_normalized_reward(rl_ass
     if critic_from == "source":
         overrides = [f"algo.reward.model={rm_path}"]
     else:  # a reward checkpoint that is not among the reward sources: normalized by its own stats
-        overrides = ["algo.reward.sources=[{_target_:lmforge.world.synthetic.ground_truth_reward}]",
+        overrides = ["algo.reward.sources=[{_target_:lmforge.world.judge.ground_truth_reward}]",
                      f"algo.critic_from={rm_path}"]
     from lmforge.algos.ppo import build
 
@@ -221,7 +221,7 @@ def test_a_reward_checkpoint_as_policy_is_refused_with_an_explanation(rl_assets,
         (["algo.top_k=5"], "algo.top_k=null and algo.top_p=null"),
         (["algo.top_p=0.9"], "algo.top_k=null and algo.top_p=null"),
         (["algo.loss_agg=mean"], "algo.loss_agg='mean'"),
-        (["algo.critic=reward_model", "algo.reward.sources=[{_target_:lmforge.world.synthetic.ground_truth_reward}]"],
+        (["algo.critic=reward_model", "algo.reward.sources=[{_target_:lmforge.world.judge.ground_truth_reward}]"],
          "critic_from"),
         (["init_from=null"], "init_from"),
     ],

@@ -19,7 +19,7 @@ from lmforge.data.preference_data import EncodedPair, collate_pairs, pad_batch
 from lmforge.data.tokenizer import train_tokenizer
 from lmforge.run import main
 from lmforge.training.checkpoint import CheckpointError, load_checkpoint
-from lmforge.world.synthetic import SyntheticWorld
+from lmforge.world.generator import SyntheticWorld
 
 SMOKE = ["experiment=smoke", "algo=reward", "logger=none", "trainer.progress_bar=none"]
 

@@ -145,7 +145,7 @@ def toy_update(algo: str, assets: dict, run_dir: Path, *overrides: str, prepare=
     from lmforge.training.trainer import build_trainer
 
     cfg = rl_config(algo, assets, run_dir, "trainer.max_steps=1", "trainer.eval_every=100", "algo.eval_at_start=false",
-                    "algo.reward.sources=[{_target_:lmforge.world.synthetic.ground_truth_reward}]",
+                    "algo.reward.sources=[{_target_:lmforge.world.judge.ground_truth_reward}]",
                     "algo.max_new_tokens=2", "algo.kl_coef=0.0", "algo.optim.lr=3e-3", *overrides)
     module, dm = importlib.import_module(STAGES[cfg.algo.name]).build(cfg, Path(cfg.run_dir))
     rewarded = set(range(4, cfg.model.vocab_size, 2))

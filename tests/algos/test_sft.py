@@ -22,7 +22,7 @@ from lmforge.eval.heldout import evaluate_judge, held_out_prompts
 from lmforge.model import CausalLM, ModelConfig
 from lmforge.model.lm_loss import lm_loss_sum
 from lmforge.training.checkpoint import CheckpointError, load_checkpoint
-from lmforge.world.synthetic import SyntheticWorld
+from lmforge.world.generator import SyntheticWorld
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = "User: {prompt}\nAssistant:"
@@ -227,7 +227,7 @@ def test_evaluate_judge_scores_greedy_responses(tok):
 
 
 def test_held_out_prompts_are_distinct_test_prompts():
-    from lmforge.world.synthetic import split_of
+    from lmforge.world.tasks import split_of
 
     p = held_out_prompts(0, 50)
     assert len(set(p)) == 50 and {split_of(x) for x in p} == {"test"}

@@ -26,7 +26,8 @@ from lmforge.data.sft_data import (
 )
 from lmforge.data.templates import BadRecords
 from lmforge.data.tokenizer import train_tokenizer
-from lmforge.world.synthetic import SyntheticWorld, split_of
+from lmforge.world.generator import SyntheticWorld
+from lmforge.world.tasks import split_of
 
 TEMPLATE = "User: {prompt}\nAssistant:"
 

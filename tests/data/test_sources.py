@@ -197,7 +197,7 @@ def test_huge_line_is_read_quickly(tmp_path):
 
 
 def test_synthetic_documents():
-    pytest.importorskip("lmforge.world.synthetic")
+    pytest.importorskip("lmforge.world.generator")
     docs = list(synthetic_documents(seed=0, n_docs=20, wrong_rate=0.3))
     assert len(docs) == 20
     assert [d.origin for d in docs] == [f"synthetic:{i}" for i in range(20)]

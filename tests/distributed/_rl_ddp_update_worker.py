@@ -53,7 +53,7 @@ def build(algo: str, assets: dict, run_dir: Path):
 
     name = "grpo" if algo == "dr-grpo" else algo
     k = 1 if name in ("ppo", "reinforce") else 4
-    cfg = rl_config(name, assets, run_dir, "algo.reward.sources=[{_target_:lmforge.world.synthetic.ground_truth_reward}]",
+    cfg = rl_config(name, assets, run_dir, "algo.reward.sources=[{_target_:lmforge.world.judge.ground_truth_reward}]",
                     f"algo.rollout_batch_size={ROWS // k}", f"algo.samples_per_prompt={k}",
                     f"algo.minibatch_size={ROWS}", f"algo.micro_batch_size={MICRO}", "algo.max_new_tokens=6",
                     "algo.temperature=0.7", "algo.kl_coef=0.1", *ALGOS[algo])

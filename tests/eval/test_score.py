@@ -18,7 +18,8 @@ from lmforge.eval.reward_scoring import RewardScorer
 from lmforge.run import main as train_main
 from lmforge.score import cli, main, parse_args
 from lmforge.training.checkpoint import CheckpointError, load_checkpoint
-from lmforge.world.synthetic import SyntheticWorld, strip_prompt_template
+from lmforge.world.generator import SyntheticWorld
+from lmforge.world.tasks import strip_prompt_template
 
 SMOKE = ["experiment=smoke", "algo=reward", "logger=none", "trainer.progress_bar=none"]
 
@@ -159,7 +160,7 @@ def test_agreement_with_the_noiseless_judge_on_synthetic_pairs(reward_ckpt):
 def test_seen_synthetic_pairs_are_training_prompts_the_run_did_not_train_on(reward_ckpt):
     from lmforge.data.preference_data import synthetic_pairs
     from lmforge.eval.reward_scoring import synthetic_judge_pairs
-    from lmforge.world.synthetic import split_of
+    from lmforge.world.tasks import split_of
 
     scorer = RewardScorer(reward_ckpt)
     cfg = load_checkpoint(reward_ckpt).meta["config"]["data"]

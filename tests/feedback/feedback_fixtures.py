@@ -25,7 +25,7 @@ def build_checkpoints(base: Path) -> dict[str, Path]:
     from lmforge.algos.pretrain import PretrainModule
     from lmforge.algos.reward import RewardModule
     from lmforge.data.tokenizer import train_tokenizer
-    from lmforge.world.synthetic import SyntheticWorld
+    from lmforge.world.generator import SyntheticWorld
 
     tok = train_tokenizer(SyntheticWorld(0).pretrain_documents(300), 512, base / "cache")
     out = {}

@@ -23,7 +23,7 @@ from lmforge.rewards.reward_function import build_reward
 from lmforge.rewards.reward_model import RewardModelSource, normalized_head
 from lmforge.rewards.source import RewardConfigError, ScoringBatch
 from lmforge.training.checkpoint import CheckpointError, load_checkpoint
-from lmforge.world.synthetic import judge_batch
+from lmforge.world.judge import judge_batch
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +45,12 @@ def batch_of(prompts=PROMPTS, responses=RESPONSES) -> ScoringBatch:
 
 
 def test_a_callable_named_by_target_scores_text():
-    reward = build_reward({"sources": [{"_target_": "lmforge.world.synthetic.ground_truth_reward"}]})
+    reward = build_reward({"sources": [{"_target_": "lmforge.world.judge.ground_truth_reward"}]})
     total, parts = reward(batch_of())
     assert total.tolist() == pytest.approx(judge_batch(PROMPTS, RESPONSES))
     assert list(parts) == ["ground_truth_reward"]
     # A class is instantiated, a function gets its args bound.
-    cls = build_reward({"sources": [{"_target_": "lmforge.world.synthetic.GroundTruthReward", "name": "gt"}]})
+    cls = build_reward({"sources": [{"_target_": "lmforge.world.judge.GroundTruthReward", "name": "gt"}]})
     assert cls(batch_of())[0].tolist() == total.tolist()
     scaled = build_reward({"sources": [{"_target_": "test_rewards.length_reward", "args": {"per_char": 0.5}}]})
     assert scaled(batch_of())[0].tolist() == [0.5 * len(r) for r in RESPONSES]
@@ -103,7 +103,7 @@ def test_reward_model_reads_the_policy_tokens_left_padded_like_the_text(rl_asset
 def test_sources_combine_with_weights_and_report_each(rl_assets):
     reward = build_reward({
         "model": str(rl_assets["reward"]),
-        "sources": [{"_target_": "lmforge.world.synthetic.ground_truth_reward", "weight": 0.5, "name": "gt"},
+        "sources": [{"_target_": "lmforge.world.judge.ground_truth_reward", "weight": 0.5, "name": "gt"},
                     {"_target_": "test_rewards.length_reward", "weight": -0.1}],
     }, tokenizer=rl_assets["tokenizer"])
     total, parts = reward(batch_of())

@@ -7,21 +7,17 @@ import statistics
 
 import pytest
 
-from lmforge.world.synthetic import (
+from lmforge.world.corruptions import corrupt
+from lmforge.world.generator import SyntheticWorld
+from lmforge.world.judge import GroundTruthReward, ground_truth_reward, judge, judge_batch, score_response
+from lmforge.world.tasks import (
     KINDS,
     PROMPT_TEMPLATE,
     WORDS,
-    GroundTruthReward,
-    SyntheticWorld,
     Task,
-    corrupt,
     format_prompt,
-    ground_truth_reward,
-    judge,
-    judge_batch,
     parse_dialogs,
     parse_task,
-    score_response,
     split_of,
 )
 

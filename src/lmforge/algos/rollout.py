@@ -224,7 +224,7 @@ def gt_judge(data_cfg):
     """The ground-truth judge (raw prompts, responses) -> scores for synthetic data, else None."""
     if data_cfg.source != "synthetic":
         return None
-    from lmforge.world.synthetic import judge_batch
+    from lmforge.world.judge import judge_batch
 
     return judge_batch
 

@@ -216,7 +216,8 @@ def is_val_prompt(prompt: str, val_fraction: float) -> bool:
 
 def synthetic_pairs(cfg, n: int, split: str, noise: float, seed_offset: int = 0) -> list[PreferencePair]:
     """The world's annotator's pairs, re-rendered with the configured template and prefix."""
-    from lmforge.world.synthetic import SyntheticWorld, parse_task, strip_prompt_template
+    from lmforge.world.generator import SyntheticWorld
+    from lmforge.world.tasks import parse_task, strip_prompt_template
 
     out, kinds = [], {}
     world = SyntheticWorld(cfg.seed)

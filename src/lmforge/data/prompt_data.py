@@ -54,7 +54,7 @@ class Prompt:
 
 def synthetic_prompts(cfg, split: str) -> list[tuple[str, str, str]]:
     """(raw, rendered, origin) for every prompt of the world's `split`, in a fixed order."""
-    from lmforge.world.synthetic import SyntheticWorld
+    from lmforge.world.generator import SyntheticWorld
 
     tasks = SyntheticWorld(cfg.seed).all_tasks(split)
     return [(t.prompt, render_prompt(cfg.prompt_template, t.prompt), f"synthetic:{split}:{i}")

@@ -10,7 +10,7 @@ def sample_prompts(cfg: DataConfig, n: int) -> list[str]:
     if n <= 0:
         return []
     if cfg.source == "synthetic":
-        from lmforge.world.synthetic import SyntheticWorld
+        from lmforge.world.generator import SyntheticWorld
 
         return SyntheticWorld(cfg.seed).prompts(n, split="val")
     return [""] * n

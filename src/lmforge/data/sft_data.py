@@ -99,7 +99,7 @@ def make_pair(prompt, response, where: str, template: str, response_prefix: str,
 
 def synthetic_pairs(cfg, split: str, n: int) -> list[Pair]:
     """``n`` tasks of the world's ``split`` with their correct answers, rendered by the config."""
-    from lmforge.world.synthetic import SyntheticWorld
+    from lmforge.world.generator import SyntheticWorld
 
     bad = BadRecords(cfg.on_bad_record)
     pairs = []

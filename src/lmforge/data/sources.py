@@ -286,7 +286,7 @@ def _iter_jsonl_documents(path, records, text_field, clean_html, collapse_whites
 
 def synthetic_documents(seed: int, n_docs: int, wrong_rate: float) -> Iterator[Document]:
     """Documents of the procedurally generated world; origin "synthetic:<index>"."""
-    from lmforge.world.synthetic import SyntheticWorld  # lazy: only this source needs it
+    from lmforge.world.generator import SyntheticWorld  # lazy: only this source needs it
 
     for i, text in enumerate(SyntheticWorld(seed).pretrain_documents(n_docs, wrong_rate)):
         yield Document(text=text, origin=f"synthetic:{i}")

@@ -20,7 +20,7 @@ from lmforge.model import generate
 def held_out_prompts(seed: int, n: int, split: str = "test") -> list[str]:
     """`n` distinct raw task prompts of the world's `split` (all of them if n is larger), a fixed,
     kind-mixed subset: the same for every stage and run with the same seed."""
-    from lmforge.world.synthetic import SyntheticWorld
+    from lmforge.world.generator import SyntheticWorld
 
     prompts = [t.prompt for t in SyntheticWorld(seed).all_tasks(split)]
     random.Random(f"lmforge-eval/{seed}/{split}").shuffle(prompts)
@@ -60,7 +60,7 @@ def evaluate_judge(model, tokenizer, prompts: Sequence[str], *, prompt_template:
     "examples": the first n_examples (prompt, response, score) dicts}.
     """
     if judge is None:
-        from lmforge.world.synthetic import judge_batch as judge
+        from lmforge.world.judge import judge_batch as judge
     prompts = list(prompts)
     if not prompts:
         return {"judge_score": float("nan"), "exact": float("nan"), "n": 0, "examples": []}

@@ -9,7 +9,7 @@ A reward source maps a batch of (prompt, response) to one score per response. Tw
   better -- the scale PPO's KL coefficient and clipping are tuned for (Ziegler et al. 2019);
 * any Python callable `(prompts: list[str], responses: list[str]) -> list[float]` named by
   `_target_` (a function, or a class instantiated with `args`), e.g. the synthetic world's
-  ground-truth judge `lmforge.world.synthetic.ground_truth_reward`.
+  ground-truth judge `lmforge.world.judge.ground_truth_reward`.
 
 The config (typed, `algo.reward`)::
 
@@ -17,7 +17,7 @@ The config (typed, `algo.reward`)::
       model: outputs/.../reward/checkpoints/last.ckpt   # shorthand: one reward model, weight 1
       sources:                                           # more sources, added with weights
         - {ckpt: other_rm.ckpt, weight: 0.5, normalize: true}
-        - {_target_: lmforge.world.synthetic.ground_truth_reward, weight: 0.5}
+        - {_target_: lmforge.world.judge.ground_truth_reward, weight: 0.5}
         - {_target_: my.module.LengthPenalty, args: {per_char: 0.01}, weight: 1.0, name: length}
 
 The total reward is sum_i weight_i * source_i; every source's mean is logged separately
@@ -107,7 +107,7 @@ def build_reward(cfg, tokenizer=None, micro_batch_size: int = 32) -> RewardFunct
     if not entries:
         raise RewardConfigError(
             "algo.reward has no source: set algo.reward.model=<a reward-model checkpoint>, or list "
-            "sources, e.g. 'algo.reward.sources=[{_target_:lmforge.world.synthetic.ground_truth_reward}]'"
+            "sources, e.g. 'algo.reward.sources=[{_target_:lmforge.world.judge.ground_truth_reward}]'"
         )
     sources: list[tuple[RewardSource, float]] = []
     n_rm = sum(1 for e in entries if e.get("ckpt"))

@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 # Reward callables that moved when the package was reorganized by concern: a config written for
 # the old path (an experiment file, a resumed run's stored config) still finds them, with a warning.
 RENAMED_TARGETS = {
-    "lmforge.data.synthetic.ground_truth_reward": "lmforge.world.synthetic.ground_truth_reward",
+    "lmforge.data.synthetic.ground_truth_reward": "lmforge.world.judge.ground_truth_reward",
+    "lmforge.world.synthetic.ground_truth_reward": "lmforge.world.judge.ground_truth_reward",
 }
 
 
@@ -62,7 +63,7 @@ def resolve_callable(target: str, args: dict | None = None) -> Callable:
     except Exception as e:  # noqa: BLE001 - any import error becomes one clear message
         raise RewardConfigError(
             f"algo.reward: cannot import _target_={target!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-            "give the full dotted path of a function or class, e.g. lmforge.world.synthetic.ground_truth_reward"
+            "give the full dotted path of a function or class, e.g. lmforge.world.judge.ground_truth_reward"
         ) from None
     args = dict(args or {})
     if isinstance(obj, type):
