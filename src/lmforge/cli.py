@@ -84,7 +84,7 @@ def run_cli(main: Callable[[list[str]], Any], argv: list[str], doc: str) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from lmforge.data.errors import DataError
+    from lmforge.errors import DataError
     from lmforge.training.checkpoint import CheckpointError
 
     if any(a in ("-h", "--help") for a in argv):

@@ -1,12 +1,21 @@
-"""The user errors every layer raises: a setting or a command line that cannot work.
+"""The user errors every layer raises: bad data, a setting or a command line that cannot work.
 
-Their message names the config key, the value given and what to set instead. It sits at the
-bottom of the package, so a stage (algos/), the run's schema (config.py) and the composition
-root (run.py) raise the same type. The data layer's bad-input type is `lmforge.data.errors.DataError`;
-an unreadable checkpoint is `lmforge.training.checkpoint.CheckpointError`.
+Every message is meant to be acted on without reading code: it names the file (and the line,
+for JSONL), the config key, the value given and what to do instead. The module sits at the
+bottom of the package, so the data layer, a stage (algos/), the run's schema (config.py) and the
+command lines raise the same types. An unreadable checkpoint is
+`lmforge.training.checkpoint.CheckpointError`.
 """
 
 from __future__ import annotations
+
+
+class DataError(ValueError):
+    """A problem with the user's data or data config (not a bug in lmforge).
+
+    Subclasses ``ValueError`` so generic callers that already catch bad values
+    keep working; catch ``DataError`` to tell data problems apart.
+    """
 
 
 class ConfigError(ValueError):

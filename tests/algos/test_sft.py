@@ -18,11 +18,11 @@ from lmforge.algos.sft import SFTConfig, SFTModule, build, sft_loss_terms
 from lmforge.data.sft_data import IGNORE_INDEX, Pair, collate, encode_pairs, plan_epoch
 from lmforge.data.templates import BadRecords
 from lmforge.data.tokenizer import train_tokenizer
-from lmforge.eval.heldout import evaluate_judge, held_out_prompts
+from lmforge.eval.heldout import evaluate_judge
 from lmforge.model import CausalLM, ModelConfig
 from lmforge.model.lm_loss import lm_loss_sum
 from lmforge.training.checkpoint import CheckpointError, load_checkpoint
-from lmforge.world.generator import SyntheticWorld
+from lmforge.world.generator import SyntheticWorld, held_out_prompts
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = "User: {prompt}\nAssistant:"

@@ -8,7 +8,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lmforge.data.errors import DataError
 from lmforge.data.preference_data import (
     EncodedPair,
     PairStream,
@@ -26,6 +25,7 @@ from lmforge.data.preference_data import (
 )
 from lmforge.data.templates import BadRecords
 from lmforge.data.tokenizer import train_tokenizer
+from lmforge.errors import DataError
 from lmforge.world.generator import SyntheticWorld
 
 M = "\n\nAssistant:"

@@ -9,7 +9,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lmforge.data.errors import DataError
 from lmforge.data.sft_data import (
     IGNORE_INDEX,
     EncodeStats,
@@ -26,6 +25,7 @@ from lmforge.data.sft_data import (
 )
 from lmforge.data.templates import BadRecords
 from lmforge.data.tokenizer import train_tokenizer
+from lmforge.errors import DataError
 from lmforge.world.generator import SyntheticWorld
 from lmforge.world.tasks import split_of
 

@@ -8,7 +8,6 @@ import time
 
 import pytest
 
-from lmforge.data.errors import DataError
 from lmforge.data.sources import (
     Document,
     clean_text,
@@ -18,6 +17,7 @@ from lmforge.data.sources import (
     read_text_files,
     synthetic_documents,
 )
+from lmforge.errors import DataError
 
 
 def write(path, content: str | bytes):

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from lmforge.data import tokenized
-from lmforge.data.errors import DataError
 from lmforge.data.sources import Document, corpus_fingerprint, read_text_files
 from lmforge.data.tokenized import build_token_dataset, load_token_dataset, token_dtype
 from lmforge.data.tokenizer import EOS_ID, Tokenizer, train_tokenizer
+from lmforge.errors import DataError
 
 TEXTS = [
     f"Document {i}: the cat sat on mat number {i * 37}.\n    indented line {i}\n\n大规模语言模型 {i}"

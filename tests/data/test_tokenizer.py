@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from lmforge.data.errors import DataError
 from lmforge.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, train_tokenizer
+from lmforge.errors import DataError
 
 ENGLISH = "The quick brown fox  jumps over the lazy dog.  \nIt was the best of times, it was the worst of times.   "
 CODE = (

@@ -189,8 +189,8 @@ def test_data_feedback_through_the_reward_datamodule(db, tmp_path, ckpts):  # no
 
 def test_missing_database_is_a_clear_error(tmp_path):
     from lmforge.data.config import FeedbackDataConfig
-    from lmforge.data.errors import DataError
     from lmforge.data.preference_data import read_feedback_pairs
+    from lmforge.errors import DataError
 
     cfg = FeedbackDataConfig(db=str(tmp_path / "nope.db"))
     with pytest.raises(DataError, match="no such feedback database"):

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.data.errors import DataError
 from lmforge.data.sources import iter_jsonl_records, read_jsonl, read_text_files
+from lmforge.errors import DataError
 
 SEED = 20240801
 PER_CASE_S = 10.0  # generous for a loaded machine; a hang would blow far past it

@@ -157,9 +157,9 @@ def build(cfg, run_dir):
     fresh model), prompt/response pairs from data.*, held-out judge prompts for synthetic data."""
     from lmforge.data.sft_data import PACKING_MODES, SFTBatching, SFTDataModule
     from lmforge.errors import ConfigError
-    from lmforge.eval.heldout import held_out_prompts
     from lmforge.hf.importer import load_any_checkpoint
     from lmforge.training.checkpoint import check_compatible, require_stage
+    from lmforge.world.generator import held_out_prompts
 
     algo = cfg.algo
     if algo.packing not in PACKING_MODES:

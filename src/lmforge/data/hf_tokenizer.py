@@ -302,8 +302,8 @@ def load_hf_tokenizer(directory: str | Path, hf_config: dict[str, Any] | None = 
         return HFTokenizer.from_dir(directory, hf_config)
     if not spm_path.is_file():
         raise TokenizerImportError(f"{directory}: no tokenizer.json or tokenizer.model")
-    from lmforge.data.errors import DataError
     from lmforge.data.tokenizer import Tokenizer
+    from lmforge.errors import DataError
 
     try:
         return Tokenizer.load(spm_path)

@@ -21,7 +21,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from lmforge.data.config import DataConfig, use_pinned_memory
-from lmforge.data.errors import DataError
 from lmforge.data.sources import (
     Document,
     corpus_fingerprint,
@@ -31,6 +30,7 @@ from lmforge.data.sources import (
 )
 from lmforge.data.tokenized import TokenDataset, build_token_dataset
 from lmforge.data.tokenizer import Tokenizer, train_tokenizer
+from lmforge.errors import DataError
 
 log = logging.getLogger(__name__)
 

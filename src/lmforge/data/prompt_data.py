@@ -4,7 +4,7 @@ Sources (conf/data/<source>.yaml):
 
 * ``data=synthetic``: every prompt of the world's ``train`` split for rollouts; for held-out
   evaluation ``algo.eval_prompts`` prompts of its ``test`` split, the same fixed subset the SFT
-  stage evaluates on (``lmforge.eval.heldout.held_out_prompts``), so the numbers compare;
+  stage evaluates on (``lmforge.world.generator.held_out_prompts``), so the numbers compare;
 * ``data=jsonl``: ``data.prompt_field`` of each record of ``data.path`` (other fields are
   ignored, so SFT or preference files serve as prompt files); evaluation prompts from
   ``data.val_path``, else a stable-hash ``data.val_fraction`` share of the file;
@@ -34,9 +34,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from lmforge.data.errors import DataError
 from lmforge.data.templates import BadRecords, render_prompt
 from lmforge.data.tokenizer import Tokenizer
+from lmforge.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def hh_prompts(cfg, path: str, bad: BadRecords, config_key: str) -> list[tuple[s
 def load_prompt_records(cfg, n_eval: int) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
     """(train, eval) records (raw, rendered, origin) of the configured source."""
     if cfg.source == "synthetic":
-        from lmforge.eval.heldout import held_out_prompts
+        from lmforge.world.generator import held_out_prompts
 
         train = synthetic_prompts(cfg, "train")
         held_out = held_out_prompts(cfg.seed, n_eval, "test")

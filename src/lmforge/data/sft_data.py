@@ -51,9 +51,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from lmforge.data.config import use_pinned_memory
-from lmforge.data.errors import DataError
 from lmforge.data.templates import BadRecords, encode_pair, render_prompt
 from lmforge.data.tokenizer import Tokenizer
+from lmforge.errors import DataError
 
 log = logging.getLogger(__name__)
 

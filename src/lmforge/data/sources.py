@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmforge.data.errors import DataError
+from lmforge.errors import DataError
 
 _BOM = b"\xef\xbb\xbf"
 _HTML_TAG = re.compile(r"<[^<]+?>")

@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from lmforge.data.errors import DataError
 from lmforge.data.tokenizer import Tokenizer
+from lmforge.errors import DataError
 
 log = logging.getLogger(__name__)
 

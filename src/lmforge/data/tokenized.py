@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lmforge.data.errors import DataError
 from lmforge.data.sources import Document
 from lmforge.data.tokenizer import Tokenizer
+from lmforge.errors import DataError
 
 # Bump when the file layout or split rule changes, so old caches are rebuilt.
 FORMAT_VERSION = 1

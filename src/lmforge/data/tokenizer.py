@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from lmforge.data.errors import DataError
+from lmforge.errors import DataError
 
 PAD_ID = 0
 BOS_ID = 1

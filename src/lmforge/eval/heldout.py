@@ -8,23 +8,12 @@ with the run's `data.prompt_template` for generation and judged raw, so any temp
 
 from __future__ import annotations
 
-import random
 from typing import Callable, Sequence
 
 import torch
 
 from lmforge.data.templates import render_prompt
 from lmforge.model import generate
-
-
-def held_out_prompts(seed: int, n: int, split: str = "test") -> list[str]:
-    """`n` distinct raw task prompts of the world's `split` (all of them if n is larger), a fixed,
-    kind-mixed subset: the same for every stage and run with the same seed."""
-    from lmforge.world.generator import SyntheticWorld
-
-    prompts = [t.prompt for t in SyntheticWorld(seed).all_tasks(split)]
-    random.Random(f"lmforge-eval/{seed}/{split}").shuffle(prompts)
-    return prompts[: max(0, n)]
 
 
 @torch.no_grad()

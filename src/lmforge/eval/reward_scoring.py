@@ -11,7 +11,6 @@ from types import SimpleNamespace
 
 import torch
 
-from lmforge.data.errors import DataError
 from lmforge.data.preference_data import (
     PreferencePair,
     encode_preferences,
@@ -21,7 +20,7 @@ from lmforge.data.preference_data import (
     parse_jsonl_record,
 )
 from lmforge.data.templates import BadRecords, encode_pair, render_prompt
-from lmforge.errors import UsageError
+from lmforge.errors import DataError, UsageError
 from lmforge.hf.importer import load_any_checkpoint
 from lmforge.model import ScalarModel, gather_last
 from lmforge.training.checkpoint import CheckpointError, load_matching, submodule_state

@@ -49,7 +49,7 @@ from lmforge.world.corruptions import corrupt
 from lmforge.world.judge import score_response
 from lmforge.world.tasks import _SPLIT_NAMES, KINDS, Task, _enumerate_kind, _parse, format_prompt, split_of
 
-__all__ = ["SyntheticWorld"]
+__all__ = ["SyntheticWorld", "held_out_prompts"]
 
 # Plain descriptive sentences (correct facts) for some language variety.
 _PROSE = {
@@ -231,3 +231,11 @@ class SyntheticWorld:
                 }
             )
         return pairs
+
+
+def held_out_prompts(seed: int, n: int, split: str = "test") -> list[str]:
+    """`n` distinct raw task prompts of the world's `split` (all of them if n is larger), a fixed,
+    kind-mixed subset: the same for every stage and run with the same seed."""
+    prompts = [t.prompt for t in SyntheticWorld(seed).all_tasks(split)]
+    random.Random(f"lmforge-eval/{seed}/{split}").shuffle(prompts)
+    return prompts[: max(0, n)]
