@@ -17,7 +17,7 @@ import torch
 from dist_helpers import TINY, clean_env, column, dist_cache, free_port, read_metrics, run_train, train_cmd  # noqa: F401
 
 from lmforge.training.checkpoint import load_checkpoint
-from lmforge.training.tracking import wandb_run_files
+from lmforge.training.wandb_tracking import wandb_run_files
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 

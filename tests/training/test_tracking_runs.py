@@ -17,7 +17,7 @@ from omegaconf import OmegaConf, open_dict
 
 from lmforge.report import main as report_main
 from lmforge.run import main
-from lmforge.training import tracking
+from lmforge.training import wandb_tracking
 from lmforge.training.checkpoint import load_checkpoint
 
 # A nano model on 2 x 16-token batches: each step is a few milliseconds of compute.
@@ -67,8 +67,8 @@ def runs(tmp_path_factory, shared_cache):
             "ckpt_first": ckpt_first, "lines": lines.lines}
 
 
-def wandb_files(run_dir: Path) -> list[tracking.WandbRunFile]:
-    return [tracking.read_wandb_run(p) for p in tracking.wandb_run_files(run_dir)]
+def wandb_files(run_dir: Path) -> list[wandb_tracking.WandbRunFile]:
+    return [wandb_tracking.read_wandb_run(p) for p in wandb_tracking.wandb_run_files(run_dir)]
 
 
 def csv_rows(run_dir: Path) -> list[dict]:
@@ -98,7 +98,7 @@ def test_resume_continues_the_same_run_and_step_axis(runs):
     files = wandb_files(runs["dir"])
     assert len(files) == 2, [f.path for f in files]
     first, second = files
-    assert second.run["id"] == first.run["id"] == runs["ckpt_first"].raw[tracking.CHECKPOINT_KEY]["id"]
+    assert second.run["id"] == first.run["id"] == runs["ckpt_first"].raw[wandb_tracking.CHECKPOINT_KEY]["id"]
     assert second.run["name"] == first.run["name"] and second.run["group"] == first.run["group"]
     assert first.exit_code == 0 and second.exit_code == 0
     steps = first.steps + second.steps
@@ -121,7 +121,7 @@ def test_checkpoints_become_artifacts_with_lineage(runs):
     assert len(arts) == 2  # one per successful fit
     assert arts[-1]["metadata"]["global_step"] == 6 and arts[-1]["metadata"]["stage"] == "pretrain"
     assert set(arts[-1]["files"]) == {"last.ckpt", "best.ckpt"}
-    parent_id = runs["ckpt_first"].raw[tracking.CHECKPOINT_KEY]["id"]
+    parent_id = runs["ckpt_first"].raw[wandb_tracking.CHECKPOINT_KEY]["id"]
     (child,) = wandb_files(runs["base"] / "b")
     (art,) = [a for a in child.artifacts if a["type"] == "model"]
     assert art["metadata"]["lineage"] == {"init_from": runs["first"]["last_checkpoint"]}
@@ -131,7 +131,7 @@ def test_checkpoints_become_artifacts_with_lineage(runs):
 
 
 def test_sample_tables_are_bounded(runs):
-    run_dir = next(p.parent for p in tracking.wandb_run_files(runs["dir"]))
+    run_dir = next(p.parent for p in wandb_tracking.wandb_run_files(runs["dir"]))
     tables = sorted((run_dir / "files" / "media" / "table").glob("samples_*.table.json"))
     assert tables
     for t in tables:

@@ -11,7 +11,7 @@ import pytest
 from conftest import train_py_cmd
 
 from lmforge.report import report
-from lmforge.training import tracking
+from lmforge.training import wandb_tracking
 
 
 @pytest.mark.slow
@@ -30,7 +30,7 @@ def test_multirun_sweep_one_wandb_run_per_job_grouped_and_quiet(tmp_path, shared
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
 
-    runs = [tracking.read_wandb_run(p) for job in ("0", "1") for p in tracking.wandb_run_files(sweep / job)]
+    runs = [wandb_tracking.read_wandb_run(p) for job in ("0", "1") for p in wandb_tracking.wandb_run_files(sweep / job)]
     assert len(runs) == 2
     assert runs[0].run["id"] != runs[1].run["id"]
     assert runs[0].run["group"] == runs[1].run["group"] and runs[0].run["group"].startswith("sweep-")

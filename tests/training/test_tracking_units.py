@@ -15,7 +15,7 @@ from conftest import compose_config
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from lmforge.training import console, tracking
+from lmforge.training import console, tracking, wandb_tracking
 from lmforge.training.progress import PlainProgress, RichProgress, progress_callback
 
 
@@ -52,12 +52,12 @@ def test_wandb_modes_never_prompt(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_IDENTITY_TOKEN_FILE", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    assert tracking.wandb_mode("auto") == "offline"
-    assert tracking.wandb_mode("online") == "offline"  # online without credentials would prompt
+    assert wandb_tracking.wandb_mode("auto") == "offline"
+    assert wandb_tracking.wandb_mode("online") == "offline"  # online without credentials would prompt
     (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password abc\n")
-    assert tracking.wandb_mode("auto") == "online"
+    assert wandb_tracking.wandb_mode("auto") == "online"
     monkeypatch.setenv("WANDB_MODE", "disabled")  # the environment wins
-    assert tracking.wandb_mode("online") == "disabled"
+    assert wandb_tracking.wandb_mode("online") == "disabled"
     cfg = compose_config(["logger=[wandb,csv]"], run_dir=tmp_path)
     loggers = tracking.build_loggers(cfg.logger, tmp_path, "x", cfg=cfg)
     assert [type(lg).__name__ for lg in loggers] == ["ResumableCSVLogger"]
@@ -73,8 +73,9 @@ class FakeRun:
         self.calls.append((step, dict(data)))
 
 
-def fake_wandb_logger(tmp_path, **kw) -> tuple[tracking.LmforgeWandbLogger, FakeRun]:
-    lg = tracking.LmforgeWandbLogger(name="n", project="p", save_dir=str(tmp_path), mode="offline", id="abc", **kw)
+def fake_wandb_logger(tmp_path, **kw) -> tuple[wandb_tracking.LmforgeWandbLogger, FakeRun]:
+    lg = wandb_tracking.LmforgeWandbLogger(name="n", project="p", save_dir=str(tmp_path), mode="offline", id="abc",
+                                           **kw)
     lg._experiment = run = FakeRun()
     return lg, run
 
@@ -127,13 +128,13 @@ def test_csv_resume_keeps_rows_before_the_checkpoint(tmp_path):
 def test_resume_state_is_read_from_the_checkpoint(tmp_path):
     p = tmp_path / "x.ckpt"
     torch.save({"global_step": 7, "state_dict": {"w": torch.zeros(3)},
-                tracking.CHECKPOINT_KEY: {"id": "run123", "name": "n", "group": "g", "step": 6}}, p)
-    st = tracking.read_resume_state(p)
+                wandb_tracking.CHECKPOINT_KEY: {"id": "run123", "name": "n", "group": "g", "step": 6}}, p)
+    st = wandb_tracking.read_resume_state(p)
     assert st.global_step == 7 and st.wandb["group"] == "g"
-    assert tracking.wandb_id_from_checkpoint(p) == "run123"
+    assert wandb_tracking.wandb_id_from_checkpoint(p) == "run123"
     torch.save({"global_step": 3}, p)
-    assert tracking.wandb_id_from_checkpoint(p) is None
-    assert tracking.read_resume_state(tmp_path / "missing.ckpt") is None
+    assert wandb_tracking.wandb_id_from_checkpoint(p) is None
+    assert wandb_tracking.read_resume_state(tmp_path / "missing.ckpt") is None
 
 
 def test_logger_lists_compose(tmp_path):
