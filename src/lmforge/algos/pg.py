@@ -3,8 +3,8 @@
     python train.py algo=rloo init_from=<sft last.ckpt> algo.reward.model=<reward last.ckpt>
 
 They share PPO's rollouts (rollout.py: sampling, scoring, the reference log-probs, the
-missing-EOS penalty, reward clipping, the per-rank seeds, step accounting) and differ only in
-the advantage and the loss:
+missing-EOS penalty, reward clipping, the per-rank seeds; rl_update.py: step accounting) and
+differ only in the advantage and the loss:
 
 * REINFORCE (Williams, 1992): per-token rewards as in PPO (score at the last token, KL penalty
   -beta * KL on every token), the discounted reward-to-go G_t (`discounted_returns`, gamma),
@@ -24,7 +24,7 @@ Loss: with `clip_eps: null` the plain policy gradient -A * log pi (REINFORCE and
 on-policy only: no importance ratio, so exactly one update per rollout (`ppo_epochs: 1`,
 `minibatch_size` = rows; check_rl_config refuses more); with a number the clipped surrogate,
 which several updates per rollout need (GRPO default). Aggregated by `loss_agg` (REINFORCE and
-RLOO: token-mean) over the whole update, whatever the micro-batch split (rollout.py). No critic:
+RLOO: token-mean) over the whole update, whatever the micro-batch split (rl_update.py). No critic:
 the checkpoint is the policy alone.
 """
 
@@ -36,7 +36,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lmforge.algos.rollout import RLConfig, RLStageModule, Rollout, build_rl_stage
+from lmforge.algos.rl_config import RLConfig
+from lmforge.algos.rl_stage import RLStageModule, build_rl_stage
+from lmforge.algos.rollout import Rollout
 from lmforge.rl import (
     MovingAverageBaseline,
     discounted_returns,

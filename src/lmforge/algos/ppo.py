@@ -2,7 +2,8 @@
 
     python train.py algo=ppo init_from=<sft last.ckpt> algo.reward.model=<reward last.ckpt>
 
-Each iteration (rollout.py has the shared part: sampling, scoring, log-probs, step accounting):
+Each iteration (the shared part: rl_stage.py; sampling, scoring, log-probs: rollout.py; step
+accounting: rl_update.py):
 
 1. sample responses to a batch of prompts; score them with the reward (a reward model
    normalized by its stored statistics, and/or callables); subtract `missing_eos_penalty` from
@@ -30,7 +31,7 @@ clipped value loss, no dropout in policy, reference or critic, a different sampl
 rank and iteration.
 
 Steps: one trainer step = one iteration of ppo_epochs * (rows / minibatch_size) optimizer
-updates; trainer.max_steps counts iterations (see rollout.py).
+updates; trainer.max_steps counts iterations (see rl_update.py).
 
 The checkpoint is the policy (`model.*`, a CausalLM, loadable as init_from of another RL run, by the sampler and by the HF exporter)
 plus the critic (`critic.*` or `value_head.*`, for resuming); lineage records the SFT, reward
@@ -46,13 +47,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from lmforge.algos.rollout import (
-    RLConfig,
-    RLStageModule,
-    Rollout,
-    build_rl_stage,
-    response_logits,
-)
+from lmforge.algos.rl_config import RLConfig
+from lmforge.algos.rl_stage import RLStageModule, build_rl_stage
+from lmforge.algos.rollout import Rollout, response_logits
 from lmforge.hf.importer import load_any_checkpoint
 from lmforge.model import ScalarModel
 from lmforge.rewards.reward_model import RewardModelSource, normalized_head

@@ -1,6 +1,6 @@
 """The config every RL stage shares (algo.*, `RLConfig`) and the start-up check of it
 (`check_rl_config`), which refuses settings that cannot work, naming the key to change.
-Used by rollout.py (the shared RL module) and the stage configs of ppo.py and pg.py."""
+Used by rl_stage.py (the shared RL module) and the stage configs of ppo.py and pg.py."""
 
 from __future__ import annotations
 
