@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from lmforge.config import register_configs
 from lmforge.run import main
-from lmforge.training.strategy import nonzero_rank_hydra_overrides
+from lmforge.training.distributed import nonzero_rank_hydra_overrides
 
 register_configs()
 

@@ -4,7 +4,7 @@
     python bench/distributed_memory.py --model nano --world 2 --steps 20 --batch 4 --seq 64   # overhead
 
 Each strategy runs in fresh processes (gloo on CPU, nccl on GPUs) with lmforge's own wrapping:
-DDP as conf/strategy/ddp.yaml configures it, FSDP through `lmforge.training.strategy.shard_models` (per-block
+DDP as conf/strategy/ddp.yaml configures it, FSDP through `lmforge.training.fsdp.shard_models` (per-block
 FSDP2, full sharding). Every rank trains `--steps` AdamW steps on random tokens of its own. Reported
 per rank (the largest over ranks):
 
@@ -74,8 +74,9 @@ def worker(rank: int, world: int, port: int, args, strategy: str, queue) -> None
     if world > 1:
         dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
     from lmforge.model import CausalLM
+    from lmforge.training.distributed import StrategyConfig
+    from lmforge.training.fsdp import shard_models
     from lmforge.training.optim import OptimConfig, build_adamw
-    from lmforge.training.strategy import StrategyConfig, shard_models
 
     cfg = model_config(args.model)
     rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

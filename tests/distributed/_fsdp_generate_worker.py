@@ -19,7 +19,8 @@ def main(rank: int, world: int, port: int, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     from lmforge.model import CausalLM, ModelConfig, generate
-    from lmforge.training.strategy import StrategyConfig, gathered_for_generation, shard_models
+    from lmforge.training.distributed import StrategyConfig
+    from lmforge.training.fsdp import gathered_for_generation, shard_models
 
     torch.manual_seed(0)
     cfg = ModelConfig(n_layer=4, n_head=4, n_kv_head=2, d_model=64, d_ff=128, vocab_size=97, max_seq_len=64)

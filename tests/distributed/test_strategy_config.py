@@ -12,19 +12,14 @@ from conftest import compose_config
 from omegaconf import OmegaConf
 
 from lmforge.model import CausalLM, ModelConfig
+from lmforge.training.distributed import StrategyConfig, StrategyError, env_rank_is_zero, nonzero_rank_hydra_overrides
+from lmforge.training.fsdp import LmforgeFSDPStrategy, fqn_to_native_optim_state, native_to_fqn_optim_state
 from lmforge.training.optim import OptimConfig, build_adamw
 from lmforge.training.strategy import (
     LmforgeDDPStrategy,
-    LmforgeFSDPStrategy,
-    StrategyConfig,
-    StrategyError,
     accumulation_for,
     build_strategy,
     checkpoint_blocks,
-    env_rank_is_zero,
-    fqn_to_native_optim_state,
-    native_to_fqn_optim_state,
-    nonzero_rank_hydra_overrides,
     world_size_of,
 )
 

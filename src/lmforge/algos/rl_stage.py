@@ -56,7 +56,7 @@ from lmforge.rl import AdaptiveKLController, FixedKLController, token_rewards
 from lmforge.rl.stats import masked_mean
 from lmforge.training.checkpoint import check_compatible, require_stage
 from lmforge.training.fault import collapse_warning
-from lmforge.training.strategy import gathered_for_generation
+from lmforge.training.fsdp import gathered_for_generation
 from lmforge.training.tracking import log_text_samples
 
 log = logging.getLogger(__name__)

@@ -48,7 +48,7 @@ from torch import Tensor
 from lmforge.model import generate
 from lmforge.rewards.source import ScoringBatch
 from lmforge.rl import kl_estimate, logprobs_from_logits, token_entropy
-from lmforge.training.strategy import gathered_for_generation
+from lmforge.training.fsdp import gathered_for_generation
 
 
 @dataclass

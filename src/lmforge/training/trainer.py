@@ -10,9 +10,9 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from lmforge.training.distributed import StrategyConfig  # noqa: F401  (the `strategy` group's schema lives with the strategies)
 from lmforge.training.precision import mixed_precision_plugin, normalize_precision
 from lmforge.training.progress import PlainProgress, progress_callback  # noqa: F401  (the progress display, trainer.progress_bar)
-from lmforge.training.strategy import StrategyConfig  # noqa: F401  (the `strategy` group's schema lives with the strategies)
 from lmforge.training.throughput import Throughput, cpu_has_fast_bf16
 
 
