@@ -17,8 +17,19 @@ from lmforge.training.throughput import cpu_has_fast_bf16, measure_matmul_peak
 
 # The shape the performance targets are stated at (bench/README.md): d_model 256, 4 layers,
 # 4 heads, vocabulary 4096, GPT-2 style (gelu MLP of 4 d_model, learned positions, tied head).
-TARGET = ModelConfig(n_layer=4, n_head=4, n_kv_head=4, d_model=256, d_ff=1024, vocab_size=4096, max_seq_len=1024,
-                     norm="layernorm", pos="learned", activation="gelu", bias=False)
+TARGET = ModelConfig(
+    n_layer=4,
+    n_head=4,
+    n_kv_head=4,
+    d_model=256,
+    d_ff=1024,
+    vocab_size=4096,
+    max_seq_len=1024,
+    norm="layernorm",
+    pos="learned",
+    activation="gelu",
+    bias=False,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -106,8 +117,10 @@ class GemmReplay:
         gen = torch.Generator(device=device).manual_seed(0)
 
         def operands(b: int, m: int, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-            return (torch.randn(b, m, k, device=device, dtype=dtype, generator=gen),
-                    torch.randn(b, k, n, device=device, dtype=dtype, generator=gen))
+            return (
+                torch.randn(b, m, k, device=device, dtype=dtype, generator=gen),
+                torch.randn(b, k, n, device=device, dtype=dtype, generator=gen),
+            )
 
         if device.type == "cuda":
             # One pair per distinct shape: gpt2-small's T x T attention operands would take
@@ -128,8 +141,10 @@ def bf16_usable(device: torch.device) -> tuple[bool, str]:
         return torch.cuda.is_bf16_supported(), "cuda"
     if cpu_has_fast_bf16():
         return True, "native bf16 on this CPU"
-    return False, (f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16: bf16 matmuls are "
-                   "emulated and far slower than fp32, so bf16 figures would measure the emulation")
+    return False, (
+        f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16: bf16 matmuls are "
+        "emulated and far slower than fp32, so bf16 figures would measure the emulation"
+    )
 
 
 def machine(device: torch.device) -> dict:

@@ -83,8 +83,15 @@ def main(argv: list[str] | None = None) -> dict:
         build = {}
         for workers in (1, 2):
             t = time.perf_counter()
-            ds = build_token_dataset(docs, tok, Path(tmp) / f"w{workers}", key="bench", val_fraction=0.05,
-                                     num_workers=workers, show_progress=False)
+            ds = build_token_dataset(
+                docs,
+                tok,
+                Path(tmp) / f"w{workers}",
+                key="bench",
+                val_fraction=0.05,
+                num_workers=workers,
+                show_progress=False,
+            )
             build[f"{workers}_threads"] = round(mb / (time.perf_counter() - t), 2)
         out["build_token_files_mb_per_s"] = build
         out["tokens"] = len(ds.train)
@@ -104,8 +111,14 @@ def main(argv: list[str] | None = None) -> dict:
     step_s = min(rate(synced_step, 1) for _ in range(3))
     step_tok_s = args.batch * args.seq / step_s
     out["loader_tokens_per_s"] = {k: round(v) for k, v in loader.items()}
-    out["train_step"] = {"model": args.model, "device": device.type, "dtype": args.dtype, "batch": args.batch,
-                        "seq": args.seq, "tokens_per_s": round(step_tok_s)}
+    out["train_step"] = {
+        "model": args.model,
+        "device": device.type,
+        "dtype": args.dtype,
+        "batch": args.batch,
+        "seq": args.seq,
+        "tokens_per_s": round(step_tok_s),
+    }
     out["loader_headroom"] = round(loader["0_workers"] / step_tok_s, 1)
     emit(out)
     return out

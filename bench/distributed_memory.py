@@ -176,11 +176,18 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--strategies", default="single,ddp,fsdp")
     ap.add_argument("--cpu", action="store_true", help="stay on the CPU even with GPUs")
-    ap.add_argument("--optim-impl", default="foreach", choices=["foreach", "loop", "fused"],
-                    help="AdamW implementation: foreach keeps whole-model temporaries, loop one tensor's")
-    ap.add_argument("--meta-init", action="store_true",
-                    help="fsdp: build the model on the meta device and materialize only the local shards "
-                         "(no full copy per rank; how very large models must be built)")
+    ap.add_argument(
+        "--optim-impl",
+        default="foreach",
+        choices=["foreach", "loop", "fused"],
+        help="AdamW implementation: foreach keeps whole-model temporaries, loop one tensor's",
+    )
+    ap.add_argument(
+        "--meta-init",
+        action="store_true",
+        help="fsdp: build the model on the meta device and materialize only the local shards "
+        "(no full copy per rank; how very large models must be built)",
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: CPUs / world size)")
     ap.add_argument("--timeout", type=int, default=1800)
     args = ap.parse_args()

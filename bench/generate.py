@@ -33,8 +33,16 @@ def timed_generate(model, prompts, args, device, **kwargs) -> float:
     sync(device)
     t = time.perf_counter()
     with autocast:
-        out = generate(model, prompts, max_new_tokens=args.new_tokens, eos_id=-1, pad_id=0, temperature=1.0,
-                       generator=gen, **kwargs)
+        out = generate(
+            model,
+            prompts,
+            max_new_tokens=args.new_tokens,
+            eos_id=-1,
+            pad_id=0,
+            temperature=1.0,
+            generator=gen,
+            **kwargs,
+        )
     sync(device)
     elapsed = time.perf_counter() - t
     assert int(out.response_mask.sum()) == len(prompts) * args.new_tokens  # no row stopped early
@@ -58,8 +66,15 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = replace(model_config(args.model), max_seq_len=args.prompt_len + args.new_tokens)
     torch.manual_seed(0)
     model = CausalLM(cfg).to(device).eval()
-    out: dict = {"bench": "generate", "machine": machine(device), "model": args.model, "dtype": args.dtype,
-                 "new_tokens": args.new_tokens, "prompt_len": args.prompt_len, "results": []}
+    out: dict = {
+        "bench": "generate",
+        "machine": machine(device),
+        "model": args.model,
+        "dtype": args.dtype,
+        "new_tokens": args.new_tokens,
+        "prompt_len": args.prompt_len,
+        "results": [],
+    }
     recompute_at = {int(b) for b in args.recompute_batches.split(",") if b}
     modes = [("cache", model, {})]
     if args.static:

@@ -53,11 +53,20 @@ def main(argv: list[str] | None = None) -> dict:
         quick = ["logger=none", "trainer.max_steps=1", "algo.val_batches=1"]  # only their checkpoints matter
         train("algo=pretrain", *common, *quick, "algo.n_samples=0", f"hydra.run.dir={out}/pretrain")
         policy = out / "pretrain/checkpoints/last.ckpt"
-        train("algo=reward", *common, *quick, f"init_from={policy}",
-              f"hydra.run.dir={out}/reward")
-        train("algo=ppo", *common, "logger=csv", "trainer.log_every=1", f"trainer.max_steps={args.iterations}",
-              f"init_from={policy}", f"algo.reward.model={out}/reward/checkpoints/last.ckpt",
-              "algo.eval_at_start=false", "algo.sample_every=0", *args.overrides, f"hydra.run.dir={out}/ppo")
+        train("algo=reward", *common, *quick, f"init_from={policy}", f"hydra.run.dir={out}/reward")
+        train(
+            "algo=ppo",
+            *common,
+            "logger=csv",
+            "trainer.log_every=1",
+            f"trainer.max_steps={args.iterations}",
+            f"init_from={policy}",
+            f"algo.reward.model={out}/reward/checkpoints/last.ckpt",
+            "algo.eval_at_start=false",
+            "algo.sample_every=0",
+            *args.overrides,
+            f"hydra.run.dir={out}/ppo",
+        )
         with open(out / "ppo/csv/metrics.csv") as f:
             rows = [r for r in csv.DictReader(f) if r.get(PHASES[0])]
     rows = rows[1:] if len(rows) > 1 else rows

@@ -81,8 +81,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    overrides = [f"model={args.model}", f"data={args.data}", "algo=sft", f"algo.batch_size={args.batch_size}",
-                 f"algo.seq_len={args.seq_len}", *args.overrides]
+    overrides = [
+        f"model={args.model}",
+        f"data={args.data}",
+        "algo=sft",
+        f"algo.batch_size={args.batch_size}",
+        f"algo.seq_len={args.seq_len}",
+        *args.overrides,
+    ]
     if args.data == "synthetic":
         overrides += [f"data.n_sft={args.n}", "data.n_docs=2000"]
     cfg = compose(overrides)
@@ -158,8 +164,12 @@ def main() -> None:
         r["real_tokens_per_s"] = round(real / secs, 1)
         r["timed_pad_fraction"] = round(1 - real / slots, 4)
     modes = result["modes"]
-    result["speedup_bucket_vs_none"] = round(modes["bucket"]["real_tokens_per_s"] / modes["none"]["real_tokens_per_s"], 3)
-    result["speedup_bucket_vs_fixed"] = round(modes["bucket"]["real_tokens_per_s"] / modes["fixed"]["real_tokens_per_s"], 3)
+    result["speedup_bucket_vs_none"] = round(
+        modes["bucket"]["real_tokens_per_s"] / modes["none"]["real_tokens_per_s"], 3
+    )
+    result["speedup_bucket_vs_fixed"] = round(
+        modes["bucket"]["real_tokens_per_s"] / modes["fixed"]["real_tokens_per_s"], 3
+    )
     print(json.dumps(result, indent=2))
 
 

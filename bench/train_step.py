@@ -47,8 +47,7 @@ from lmforge.model import CausalLM
 from lmforge.training.optim import OptimConfig, build_adamw
 
 
-def make_step(model: CausalLM, opt, batch: torch.Tensor, dtype: torch.dtype, device: torch.device,
-              loss_chunk: int = 0):
+def make_step(model: CausalLM, opt, batch: torch.Tensor, dtype: torch.dtype, device: torch.device, loss_chunk: int = 0):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
     params = [p for p in model.parameters() if p.requires_grad]
     targets = batch[:, 1:]
@@ -81,8 +80,17 @@ def top_ops(step, device: torch.device, n: int = 10) -> list[dict]:
 class Variant:
     """One (model, dtype, compile) configuration, built and warmed up, ready to time step by step."""
 
-    def __init__(self, args, name: str, dtype_name: str, compiled: bool, optim_impl: str, attention: str,
-                 loss_chunk: int, device: torch.device):
+    def __init__(
+        self,
+        args,
+        name: str,
+        dtype_name: str,
+        compiled: bool,
+        optim_impl: str,
+        attention: str,
+        loss_chunk: int,
+        device: torch.device,
+    ):
         self.name, self.dtype_name, self.compiled = name, dtype_name, compiled
         self.optim_impl, self.attention, self.loss_chunk = optim_impl, attention, loss_chunk
         cfg = replace(model_config(name, args.seq), attention=attention)
@@ -165,10 +173,15 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             peak = matmul_peak(device, DTYPES["bf16"], [256])
             out["skipped"].append({"dtype": "bf16", "why": why, "bf16_matmul_gflops": peak["by_size"]})
-    variants = [Variant(args, name, d, c, o, a, int(lc), device)
-                for d in dtypes for name in args.models.split(",") for c in compile_modes
-                for o in args.optim_impls.split(",") for a in args.attentions.split(",")
-                for lc in args.loss_chunks.split(",")]
+    variants = [
+        Variant(args, name, d, c, o, a, int(lc), device)
+        for d in dtypes
+        for name in args.models.split(",")
+        for c in compile_modes
+        for o in args.optim_impls.split(",")
+        for a in args.attentions.split(",")
+        for lc in args.loss_chunks.split(",")
+    ]
     # Round-robin: one step of every variant, then one peak sample per dtype, `steps` times, so
     # a machine whose speed drifts (turbo, neighbours) slows every figure alike.
     peaks: dict[str, list[float]] = {d: [] for d in dtypes}
@@ -180,8 +193,10 @@ def main(argv: list[str] | None = None) -> dict:
             peaks[d].append(matmul_peak(device, DTYPES[d], sizes, iters=3)["flops"])
     for d in dtypes:
         # The best matmul rate seen: the most conservative denominator.
-        out["peaks"][d] = {"gflops": round(max(peaks[d]) / 1e9, 1),
-                           "median_gflops": round(statistics.median(peaks[d]) / 1e9, 1)}
+        out["peaks"][d] = {
+            "gflops": round(max(peaks[d]) / 1e9, 1),
+            "median_gflops": round(statistics.median(peaks[d]) / 1e9, 1),
+        }
     for v in variants:
         out["results"].append(v.result(args, max(peaks[v.dtype_name])))
     if args.profile:

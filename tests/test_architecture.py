@@ -34,8 +34,14 @@ def _tool(name: str) -> str:
 def lint_imports(cwd: Path, pythonpath: Path) -> subprocess.CompletedProcess:
     """import-linter with the repository's contracts, on the `lmforge` found under `pythonpath`."""
     env = {"PATH": str(Path(sys.executable).parent), "PYTHONPATH": str(pythonpath), "HOME": str(cwd)}
-    return subprocess.run([_tool("lint-imports"), "--no-cache", str(REPO / "pyproject.toml")], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [_tool("lint-imports"), "--no-cache", str(REPO / "pyproject.toml")],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_import_contracts_hold():
@@ -47,8 +53,11 @@ def test_import_contracts_hold():
     "where, line, broken",
     [
         # the backbone reaching up into a stage: a layer violation and a cycle between siblings
-        ("model/heads.py", "from lmforge.algos import base as _up  # noqa", ["Layers point down BROKEN",
-                                                                             "No import cycles"]),
+        (
+            "model/heads.py",
+            "from lmforge.algos import base as _up  # noqa",
+            ["Layers point down BROKEN", "No import cycles"],
+        ),
         # two modules of one package importing each other, lazily inside a function
         ("data/tokenizer.py", "def _f():\n    from lmforge.data import templates  # noqa", ["No import cycles"]),
     ],
@@ -65,8 +74,9 @@ def test_contracts_catch_an_upward_import_and_a_cycle(tmp_path, where, line, bro
 
 
 def test_no_module_over_600_lines():
-    long = {str(p.relative_to(REPO)): n for p in PACKAGE.rglob("*.py")
-            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    long = {
+        str(p.relative_to(REPO)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
     assert not long, f"split these by responsibility (CONTRIBUTING.md): {long}"
 
 
@@ -75,7 +85,9 @@ def test_a_module_name_means_one_thing():
     for p in PACKAGE.rglob("*.py"):
         by_name[p.name].append(str(p.relative_to(PACKAGE)))
     shared = {name: paths for name, paths in by_name.items() if len(paths) > 1 and name not in SHARED_NAMES}
-    assert not shared, f"the same module name in several folders: {shared}; rename one, or add it to SHARED_NAMES with why"
+    assert not shared, (
+        f"the same module name in several folders: {shared}; rename one, or add it to SHARED_NAMES with why"
+    )
 
 
 def test_ruff_lint_and_format():

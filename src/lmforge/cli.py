@@ -134,8 +134,10 @@ def read_prompts(spec: str, prompt_field: str = "prompt") -> Iterator[dict]:
             if isinstance(obj, str):
                 obj = {prompt_field: obj}
             if not isinstance(obj, dict) or not isinstance(obj.get(prompt_field), str):
-                raise UsageError(f"{path}:{lineno}: expected an object with a string field {prompt_field!r} "
-                                 "(prompt_field=...) or a JSON string")
+                raise UsageError(
+                    f"{path}:{lineno}: expected an object with a string field {prompt_field!r} "
+                    "(prompt_field=...) or a JSON string"
+                )
             record = dict(obj)
             record["prompt"] = record.pop(prompt_field)
             yield record

@@ -96,8 +96,11 @@ def _check_file(value: Any, key: str, what: str = "file") -> None:
     p = Path(str(value))
     if p.is_dir():
         raise ConfigError(f"{key}={value} is a directory; give the {what} itself")
-    _check(p.is_file(), f"{key}={value}: no such {what} (relative paths resolve from {Path.cwd()}); "
-                        "check the path or use an absolute one")
+    _check(
+        p.is_file(),
+        f"{key}={value}: no such {what} (relative paths resolve from {Path.cwd()}); "
+        "check the path or use an absolute one",
+    )
 
 
 def _check_globs(patterns: Any, key: str) -> None:
@@ -106,8 +109,10 @@ def _check_globs(patterns: Any, key: str) -> None:
 
     for pattern in map(str, patterns):
         if any(c in pattern for c in "*?["):
-            _check(any(Path(m).is_file() for m in glob.glob(pattern, recursive=True)),
-                   f"{key}: no file matches {pattern!r} (relative paths resolve from {Path.cwd()})")
+            _check(
+                any(Path(m).is_file() for m in glob.glob(pattern, recursive=True)),
+                f"{key}: no file matches {pattern!r} (relative paths resolve from {Path.cwd()})",
+            )
         else:
             _check_file(pattern, key)
 
@@ -120,8 +125,10 @@ def _check_data_paths(d: DictConfig) -> None:
             raise ConfigError(f"data={source} needs data.{key}={example}: none given")
     if source == "feedback":
         if OmegaConf.is_missing(d, "db"):
-            raise ConfigError("data=feedback needs data.db=<feedback.db>: the database `python -m lmforge.feedback "
-                              "serve` writes (it prints the path when it starts)")
+            raise ConfigError(
+                "data=feedback needs data.db=<feedback.db>: the database `python -m lmforge.feedback "
+                "serve` writes (it prints the path when it starts)"
+            )
         _check_file(d.db, "data.db", "feedback database")
     if source in ("jsonl", "hh") and "path" in d:
         _check_file(d.path, "data.path", "JSONL file")
@@ -138,14 +145,18 @@ def _check_data_paths(d: DictConfig) -> None:
 
 def _check_rl(cfg: DictConfig) -> None:
     algo = cfg.algo
-    _check(cfg.init_from is not None,
-           f"algo={algo.name} improves an existing language model: set init_from=<an SFT (or pretraining) "
-           "checkpoint>, e.g. init_from=outputs/<sft run>/checkpoints/last.ckpt")
+    _check(
+        cfg.init_from is not None,
+        f"algo={algo.name} improves an existing language model: set init_from=<an SFT (or pretraining) "
+        "checkpoint>, e.g. init_from=outputs/<sft run>/checkpoints/last.ckpt",
+    )
     reward = algo.get("reward")
     sources = list(reward.get("sources") or []) if reward is not None else []
-    _check(reward is not None and (reward.get("model") or sources),
-           f"algo={algo.name} needs a reward source: set algo.reward.model=<a reward-model checkpoint> "
-           "(python train.py algo=reward ... trains one) or list algo.reward.sources")
+    _check(
+        reward is not None and (reward.get("model") or sources),
+        f"algo={algo.name} needs a reward source: set algo.reward.model=<a reward-model checkpoint> "
+        "(python train.py algo=reward ... trains one) or list algo.reward.sources",
+    )
     if reward.get("model"):
         _check_file(reward.model, "algo.reward.model", "reward-model checkpoint")
     for i, src in enumerate(sources):
@@ -162,43 +173,53 @@ def validate(cfg: DictConfig) -> ModelConfig:
     mc.validate()
     algo, t = cfg.algo, cfg.trainer
     if "seq_len" in algo:
-        _check(algo.seq_len <= mc.max_seq_len,
-               f"algo.seq_len={algo.seq_len} exceeds model.max_seq_len={mc.max_seq_len}: "
-               "lower algo.seq_len or raise model.max_seq_len")
+        _check(
+            algo.seq_len <= mc.max_seq_len,
+            f"algo.seq_len={algo.seq_len} exceeds model.max_seq_len={mc.max_seq_len}: "
+            "lower algo.seq_len or raise model.max_seq_len",
+        )
         _check(algo.seq_len > 0, f"algo.seq_len={algo.seq_len} must be positive")
     if algo.get("ptx_coef") and "ptx_seq_len" in algo:
-        _check(algo.ptx_seq_len <= mc.max_seq_len,
-               f"algo.ptx_seq_len={algo.ptx_seq_len} exceeds model.max_seq_len={mc.max_seq_len}: "
-               "lower algo.ptx_seq_len or raise model.max_seq_len")
+        _check(
+            algo.ptx_seq_len <= mc.max_seq_len,
+            f"algo.ptx_seq_len={algo.ptx_seq_len} exceeds model.max_seq_len={mc.max_seq_len}: "
+            "lower algo.ptx_seq_len or raise model.max_seq_len",
+        )
     if "batch_size" in algo:
         _check(algo.batch_size > 0, f"algo.batch_size={algo.batch_size} must be positive")
     if algo.get("global_batch_size") is not None:
         gbs, world = algo.global_batch_size, _world_size(t)
         _check(gbs > 0, f"algo.global_batch_size={gbs} must be positive")
         if world:
-            _check(gbs % world == 0,
-                   f"algo.global_batch_size={gbs} is not divisible by the world size {world} (trainer.devices="
-                   f"{t.devices} x trainer.num_nodes={t.num_nodes}): every rank takes an equal share; pick a "
-                   f"multiple of {world}")
+            _check(
+                gbs % world == 0,
+                f"algo.global_batch_size={gbs} is not divisible by the world size {world} (trainer.devices="
+                f"{t.devices} x trainer.num_nodes={t.num_nodes}): every rank takes an equal share; pick a "
+                f"multiple of {world}",
+            )
     _check(t.max_steps > 0, f"trainer.max_steps={t.max_steps} must be positive")
     _check(t.eval_every > 0, f"trainer.eval_every={t.eval_every} must be positive")
-    _check(t.accumulate_grad_batches > 0,
-           f"trainer.accumulate_grad_batches={t.accumulate_grad_batches} must be positive")
+    _check(
+        t.accumulate_grad_batches > 0, f"trainer.accumulate_grad_batches={t.accumulate_grad_batches} must be positive"
+    )
     _check(t.keep_last >= 0, f"trainer.keep_last={t.keep_last} must be >= 0 (0: keep no step-N copies)")
-    _check(t.max_bad_steps >= 1,
-           f"trainer.max_bad_steps={t.max_bad_steps} must be >= 1 (steps in a row with a non-finite loss "
-           "or gradients before the run stops)")
-    _check(t.checkpoint_every_minutes is None or t.checkpoint_every_minutes > 0,
-           f"trainer.checkpoint_every_minutes={t.checkpoint_every_minutes} must be positive (or null: "
-           "checkpoints only every trainer.eval_every steps)")
+    _check(
+        t.max_bad_steps >= 1,
+        f"trainer.max_bad_steps={t.max_bad_steps} must be >= 1 (steps in a row with a non-finite loss "
+        "or gradients before the run stops)",
+    )
+    _check(
+        t.checkpoint_every_minutes is None or t.checkpoint_every_minutes > 0,
+        f"trainer.checkpoint_every_minutes={t.checkpoint_every_minutes} must be positive (or null: "
+        "checkpoints only every trainer.eval_every steps)",
+    )
     try:
         normalize_precision(t.precision)
     except PrecisionError as e:
         raise ConfigError(str(e)) from None
     d = cfg.data
     _check(0 < d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be between 0 and 1")
-    _check(d.on_bad_record in ("error", "skip"),
-           f"data.on_bad_record={d.on_bad_record!r}: use 'error' or 'skip'")
+    _check(d.on_bad_record in ("error", "skip"), f"data.on_bad_record={d.on_bad_record!r}: use 'error' or 'skip'")
     _check_data_paths(d)
     if cfg.resume not in (None, "auto"):
         from pathlib import Path

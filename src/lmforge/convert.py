@@ -63,8 +63,10 @@ def run(argv: list[str]) -> dict:
         init = opt["out"] if command == "import" else source
         if result["stage"] == "reward":
             # An imported reward model has no reward statistics to normalize with: raw scores.
-            result["train"] = (f"{start} algo=ppo init_from=<SFT checkpoint> "
-                               f"'algo.reward.sources=[{{ckpt:{init}/lmforge.ckpt,normalize:false}}]' ...")
+            result["train"] = (
+                f"{start} algo=ppo init_from=<SFT checkpoint> "
+                f"'algo.reward.sources=[{{ckpt:{init}/lmforge.ckpt,normalize:false}}]' ..."
+            )
         else:
             result["train"] = f"{start} algo=sft init_from={init} ..."
         return result

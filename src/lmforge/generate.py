@@ -104,8 +104,13 @@ def run_batch(lm: LanguageModel, cfg: GenerateConfig, template: str) -> int:
     out = open(cfg.out, "w", encoding="utf-8") if cfg.out else sys.stdout
     try:
         for record, sample in zip(jobs, samples):
-            row = {**record, "response": sample.text, "finish_reason": sample.finish_reason,
-                   "n_tokens": sample.n_tokens, **settings}
+            row = {
+                **record,
+                "response": sample.text,
+                "finish_reason": sample.finish_reason,
+                "n_tokens": sample.n_tokens,
+                **settings,
+            }
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
     finally:
         if out is not sys.stdout:
@@ -174,14 +179,25 @@ def main(argv: list[str] | None = None):
     if OmegaConf.is_missing(composed, "ckpt"):
         raise UsageError("ckpt=<checkpoint> is required (any stage's .ckpt except a reward model's)")
     cfg: GenerateConfig = OmegaConf.to_object(composed)
-    modes = [m for m, on in (("prompt=", cfg.prompt is not None), ("prompts=", cfg.prompts is not None),
-                             ("chat=true", cfg.chat)) if on]
+    modes = [
+        m
+        for m, on in (
+            ("prompt=", cfg.prompt is not None),
+            ("prompts=", cfg.prompts is not None),
+            ("chat=true", cfg.chat),
+        )
+        if on
+    ]
     if len(modes) != 1:
-        raise UsageError("give exactly one of prompt=\"...\", prompts=<file> or chat=true"
-                         + (f" (got {', '.join(modes)})" if modes else ""))
+        raise UsageError(
+            'give exactly one of prompt="...", prompts=<file> or chat=true'
+            + (f" (got {', '.join(modes)})" if modes else "")
+        )
     _settings(cfg)  # bad sampling settings fail before the model loads
     lm = LanguageModel(cfg.ckpt, cfg.device)
-    template = "{prompt}" if cfg.raw else decode_escapes(cfg.template) if cfg.template is not None else lm.default_template
+    template = (
+        "{prompt}" if cfg.raw else decode_escapes(cfg.template) if cfg.template is not None else lm.default_template
+    )
     render(template, "x")  # a broken template fails here, with the data layer's message
     if cfg.prompts is not None:
         return run_batch(lm, cfg, template)

@@ -82,8 +82,10 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
         if metrics_file(p):
             runs.append(p)
             continue
-        below = sorted({m.parent.parent if m.parent.name == "csv" else m.parent for m in p.rglob("metrics.csv")},
-                       key=lambda d: (len(d.parts), _natural(str(d))))
+        below = sorted(
+            {m.parent.parent if m.parent.name == "csv" else m.parent for m in p.rglob("metrics.csv")},
+            key=lambda d: (len(d.parts), _natural(str(d))),
+        )
         if not below:
             raise ReportError(
                 f"{p}: no csv/metrics.csv in it or below it. The report reads the CSV logger's file: "
@@ -150,8 +152,9 @@ def load_run(run_dir: Path) -> RunData:
         config = config or hparams
         choices = choices or meta.get("choices") or {}
         run.overrides = run.overrides or [str(o) for o in meta.get("overrides") or []]
-    run.choices = {str(k): str(v) for k, v in choices.items()
-                   if v is not None and not str(k).startswith("hydra") and k != "logger"}
+    run.choices = {
+        str(k): str(v) for k, v in choices.items() if v is not None and not str(k).startswith("hydra") and k != "logger"
+    }
     run.stage = ((config.get("algo") or {}).get("name")) or run.choices.get("algo")
     try:
         run.summary = json.loads((run_dir / "summary.json").read_text())
@@ -201,8 +204,9 @@ def plot(runs: list[RunData], out: Path) -> Path:
 
     panels = panels_for(runs)
     if not panels:
-        raise ReportError("the runs logged none of the plotted metrics: "
-                          + ", ".join(sorted({m for _, ms in PANELS for m in ms})))
+        raise ReportError(
+            "the runs logged none of the plotted metrics: " + ", ".join(sorted({m for _, ms in PANELS for m in ms}))
+        )
     ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.6 * nrows), squeeze=False)
@@ -217,15 +221,23 @@ def plot(runs: list[RunData], out: Path) -> Path:
                 steps, values = zip(*run.series[metric])
                 val = metric.startswith("val/")
                 name = metric if len(runs) == 1 else f"{run.label}: {metric}"
-                ax.plot(steps, values, color=color, linestyle="--" if val else "-",
-                        marker="o" if val else None, markersize=3, linewidth=1.2 if val else 1.0,
-                        alpha=0.95 if val else 0.8, label=name)
+                ax.plot(
+                    steps,
+                    values,
+                    color=color,
+                    linestyle="--" if val else "-",
+                    marker="o" if val else None,
+                    markersize=3,
+                    linewidth=1.2 if val else 1.0,
+                    alpha=0.95 if val else 0.8,
+                    label=name,
+                )
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
     fig.suptitle(", ".join(r.label for r in runs)[:150], fontsize=10)
     fig.tight_layout()
@@ -324,8 +336,11 @@ def report(paths: list[str | Path], out: str | Path | None = None) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lmforge.report", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m lmforge.report",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("runs", nargs="+", help="run folders (or sweep folders holding runs)")
     ap.add_argument("--out", help="output folder (default: the run folder for one run, ./lmforge-report for several)")
     args = ap.parse_args(argv)

@@ -29,8 +29,15 @@ ALGOS = ("reinforce", "rloo", "grpo")
 def test_one_iteration_raises_the_probability_of_rewarded_responses(algo, rl_assets, tmp_path):
     # 16 responses per iteration: 16 prompts x 1 (REINFORCE) or 4 prompts x 4 samples (RLOO, GRPO).
     k = 1 if algo == "reinforce" else 4
-    _, _, module = toy_update(algo, rl_assets, tmp_path / "run", f"algo.rollout_batch_size={16 // k}",
-                              f"algo.samples_per_prompt={k}", "algo.minibatch_size=16", "algo.micro_batch_size=4")
+    _, _, module = toy_update(
+        algo,
+        rl_assets,
+        tmp_path / "run",
+        f"algo.rollout_batch_size={16 // k}",
+        f"algo.samples_per_prompt={k}",
+        "algo.minibatch_size=16",
+        "algo.micro_batch_size=4",
+    )
     up, down = logprob_change(module)
     assert up > 0.02 and down < -0.02, (up, down)
     assert not any(n.startswith(("critic", "value_head")) for n, _ in module.named_parameters()), "no critic"
@@ -39,8 +46,14 @@ def test_one_iteration_raises_the_probability_of_rewarded_responses(algo, rl_ass
 @pytest.mark.parametrize("algo", ALGOS)
 def test_each_runs_end_to_end_with_a_reward_model(algo, rl_assets, tmp_path):
     k = 1 if algo == "reinforce" else 2
-    cfg = rl_config(algo, rl_assets, tmp_path / "run", f"algo.reward.model={rl_assets['reward']}",
-                    f"algo.samples_per_prompt={k}", f"algo.rollout_batch_size={4 // k}")  # 4 rows
+    cfg = rl_config(
+        algo,
+        rl_assets,
+        tmp_path / "run",
+        f"algo.reward.model={rl_assets['reward']}",
+        f"algo.samples_per_prompt={k}",
+        f"algo.rollout_batch_size={4 // k}",
+    )  # 4 rows
     result = main(cfg)
     ckpt = load_checkpoint(result["last_checkpoint"])
     assert ckpt.stage == algo and ckpt.raw["global_step"] == 2
@@ -55,8 +68,13 @@ def test_each_runs_end_to_end_with_a_reward_model(algo, rl_assets, tmp_path):
 def test_group_methods_need_several_samples_per_prompt(algo, rl_assets, tmp_path):
     from lmforge.algos.pg import build
 
-    cfg = rl_config(algo, rl_assets, tmp_path / "run", "algo.samples_per_prompt=1",
-                    "algo.reward.sources=[{_target_:lmforge.world.judge.ground_truth_reward}]")
+    cfg = rl_config(
+        algo,
+        rl_assets,
+        tmp_path / "run",
+        "algo.samples_per_prompt=1",
+        "algo.reward.sources=[{_target_:lmforge.world.judge.ground_truth_reward}]",
+    )
     with pytest.raises(ConfigError, match="samples_per_prompt >= 2"):
         build(cfg, tmp_path / "run")
 
@@ -71,18 +89,29 @@ def test_grpo_keeps_the_kl_out_of_the_advantages(rl_assets, tmp_path):
 
     def rollout():
         B, N = 4, 3
-        ro = Rollout(prompts=[None] * B, sequences=torch.zeros(B, 5, dtype=torch.long),
-                     attention_mask=torch.ones(B, 5, dtype=torch.bool), prompt_len=2,
-                     response_mask=torch.ones(B, N, dtype=torch.bool), ended=torch.ones(B, dtype=torch.bool),
-                     responses=[""] * B)
+        ro = Rollout(
+            prompts=[None] * B,
+            sequences=torch.zeros(B, 5, dtype=torch.long),
+            attention_mask=torch.ones(B, 5, dtype=torch.bool),
+            prompt_len=2,
+            response_mask=torch.ones(B, N, dtype=torch.bool),
+            ended=torch.ones(B, dtype=torch.bool),
+            responses=[""] * B,
+        )
         ro.scores = torch.tensor([1.0, 1.0, 0.0, 2.0])
         ro.logprobs = torch.tensor([[-1.0] * N, [-3.0] * N, [-1.0] * N, [-1.0] * N])
         ro.ref_logprobs = torch.full((B, N), -2.0)
         return ro
 
     for cls, algo in ((GRPOModule, "grpo"), (RLOOModule, "rloo")):
-        cfg = rl_config(algo, rl_assets, tmp_path / algo, "algo.samples_per_prompt=2", "algo.kl_coef=0.5",
-                        "algo.reward.sources=[{_target_:lmforge.world.judge.ground_truth_reward}]")
+        cfg = rl_config(
+            algo,
+            rl_assets,
+            tmp_path / algo,
+            "algo.samples_per_prompt=2",
+            "algo.kl_coef=0.5",
+            "algo.reward.sources=[{_target_:lmforge.world.judge.ground_truth_reward}]",
+        )
         module = cls.__new__(cls)
         torch.nn.Module.__init__(module)
         module.cfg = cfg
@@ -105,10 +134,15 @@ def grpo_rollout(scores: list[float]):
     from lmforge.algos.rollout import Rollout
 
     B, N = len(scores), 3
-    ro = Rollout(prompts=[None] * B, sequences=torch.zeros(B, 5, dtype=torch.long),
-                 attention_mask=torch.ones(B, 5, dtype=torch.bool), prompt_len=2,
-                 response_mask=torch.ones(B, N, dtype=torch.bool), ended=torch.ones(B, dtype=torch.bool),
-                 responses=[""] * B)
+    ro = Rollout(
+        prompts=[None] * B,
+        sequences=torch.zeros(B, 5, dtype=torch.long),
+        attention_mask=torch.ones(B, 5, dtype=torch.bool),
+        prompt_len=2,
+        response_mask=torch.ones(B, N, dtype=torch.bool),
+        ended=torch.ones(B, dtype=torch.bool),
+        responses=[""] * B,
+    )
     ro.scores = torch.tensor(scores)
     ro.logprobs = ro.ref_logprobs = torch.full((B, N), -1.0)
     return ro
@@ -122,9 +156,16 @@ def test_grpo_module_advantages_hand_values(rl_assets, tmp_path, scale):
 
     from lmforge.algos.pg import build
 
-    cfg = rl_config("grpo", rl_assets, tmp_path / "run", "algo.samples_per_prompt=4", "algo.rollout_batch_size=2",
-                    "algo.minibatch_size=8", f"algo.scale_rewards={str(scale).lower()}",
-                    "algo.reward.sources=[{_target_:lmforge.world.judge.ground_truth_reward}]")
+    cfg = rl_config(
+        "grpo",
+        rl_assets,
+        tmp_path / "run",
+        "algo.samples_per_prompt=4",
+        "algo.rollout_batch_size=2",
+        "algo.minibatch_size=8",
+        f"algo.scale_rewards={str(scale).lower()}",
+        "algo.reward.sources=[{_target_:lmforge.world.judge.ground_truth_reward}]",
+    )
     module, _ = build(cfg, tmp_path / "run")
     ro = grpo_rollout([1.0, 0.0, 0.0, 0.0, 2.0, 2.0, 0.0, 0.0])
     module.compute_advantages(ro)
@@ -148,9 +189,16 @@ def test_unworkable_settings_are_refused_naming_the_key(algo, overrides, message
     from lmforge.algos.pg import build
 
     k = 1 if algo == "reinforce" else 2
-    cfg = rl_config(algo, rl_assets, tmp_path / "run", f"algo.samples_per_prompt={k}",
-                    f"algo.rollout_batch_size={4 // k}", "algo.minibatch_size=4",
-                    "algo.reward.sources=[{_target_:lmforge.world.judge.ground_truth_reward}]", *overrides)
+    cfg = rl_config(
+        algo,
+        rl_assets,
+        tmp_path / "run",
+        f"algo.samples_per_prompt={k}",
+        f"algo.rollout_batch_size={4 // k}",
+        "algo.minibatch_size=4",
+        "algo.reward.sources=[{_target_:lmforge.world.judge.ground_truth_reward}]",
+        *overrides,
+    )
     with pytest.raises(ConfigError, match=message):
         build(cfg, tmp_path / "run")
 
@@ -165,14 +213,20 @@ def test_grpo_module_loss_uses_the_configured_kl_estimator(estimator, rl_assets,
 
     from lmforge.algos.pg import build
 
-    cfg = rl_config("grpo", rl_assets, tmp_path / "run", "algo.samples_per_prompt=2", "algo.rollout_batch_size=2",
-                    f"algo.kl_estimator={estimator}",
-                    "algo.reward.sources=[{_target_:lmforge.world.judge.ground_truth_reward}]")
+    cfg = rl_config(
+        "grpo",
+        rl_assets,
+        tmp_path / "run",
+        "algo.samples_per_prompt=2",
+        "algo.rollout_batch_size=2",
+        f"algo.kl_estimator={estimator}",
+        "algo.reward.sources=[{_target_:lmforge.world.judge.ground_truth_reward}]",
+    )
     module, dm = build(cfg, tmp_path / "run")
     ro, _ = module.make_rollout(dm.train_prompts[:2], step=0)
     module.compute_advantages(ro)
     mb = module.take(module.minibatch_fields(ro), torch.arange(ro.size), ro.prompt_len)
     mb["ref_logprobs"] = mb["old_logprobs"] - 0.3
     _, stats = module.loss(mb)
-    expected = {"k2": 0.5 * 0.3 ** 2, "k3": math.exp(-0.3) - 1 + 0.3}[estimator]  # every token, so every mean
+    expected = {"k2": 0.5 * 0.3**2, "k3": math.exp(-0.3) - 1 + 0.3}[estimator]  # every token, so every mean
     assert float(stats["kl"]) == pytest.approx(expected, rel=1e-4)

@@ -42,9 +42,16 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def test_one_ppo_iteration_raises_the_probability_of_rewarded_responses(rl_assets, tmp_path):
-    before, after, module = toy_update("ppo", rl_assets, tmp_path / "run", "algo.critic=policy_head",
-                                       "algo.rollout_batch_size=16", "algo.minibatch_size=8",
-                                       "algo.micro_batch_size=4", "algo.ppo_epochs=4")
+    before, after, module = toy_update(
+        "ppo",
+        rl_assets,
+        tmp_path / "run",
+        "algo.critic=policy_head",
+        "algo.rollout_batch_size=16",
+        "algo.minibatch_size=8",
+        "algo.micro_batch_size=4",
+        "algo.ppo_epochs=4",
+    )
     up, down = logprob_change(module)
     assert up > 0.05 and down < -0.05, (up, down)  # rewarded responses became likelier, the rest less so
     assert after > before, (before, after)  # and so did rewarded first tokens on other prompts
@@ -58,8 +65,9 @@ def check_val_gt_score(cfg, result) -> None:
     from lmforge.world.judge import judge_batch
 
     module, _ = build(cfg, Path(cfg.run_dir))
-    load_matching(module.model, submodule_state(load_checkpoint(result["last_checkpoint"]).state_dict, "model"),
-                  "last.ckpt")
+    load_matching(
+        module.model, submodule_state(load_checkpoint(result["last_checkpoint"]).state_dict, "model"), "last.ckpt"
+    )
     module.model.eval()
     sums, examples = module.evaluate_prompts(module.eval_prompts)
     assert len(examples) == len(module.eval_prompts) == cfg.algo.eval_prompts
@@ -69,8 +77,16 @@ def check_val_gt_score(cfg, result) -> None:
 
 def test_ppo_with_a_reward_model_critic_is_deterministic(rl_assets, tmp_path):
     def run(name: str) -> list[dict]:
-        cfg = rl_config("ppo", rl_assets, tmp_path / name, "logger=csv", f"algo.reward.model={rl_assets['reward']}",
-                        "algo.adaptive_kl=true", "algo.kl_target=0.01", "algo.kl_horizon=100")
+        cfg = rl_config(
+            "ppo",
+            rl_assets,
+            tmp_path / name,
+            "logger=csv",
+            f"algo.reward.model={rl_assets['reward']}",
+            "algo.adaptive_kl=true",
+            "algo.kl_target=0.01",
+            "algo.kl_horizon=100",
+        )
         result = main(cfg)
         check_val_gt_score(cfg, result)
         return read_metrics(Path(cfg.run_dir))
@@ -79,10 +95,27 @@ def test_ppo_with_a_reward_model_critic_is_deterministic(rl_assets, tmp_path):
     keys = [k for k in a[0] if not k.startswith(VOLATILE)]
     assert [{k: r[k] for k in keys} for r in a] == [{k: r[k] for k in keys} for r in b]
     logged = {k for r in a for k, v in r.items() if v}
-    for k in ("rollout/reward_mean", "rollout/reward_std", "rollout/gt_score", "rollout/kl", "rollout/entropy",
-              "rollout/response_len", "rollout/eos_frac", "rollout/reward/rm", "train/clip_frac",
-              "train/approx_kl", "train/value_loss", "train/explained_var", "train/kl_coef", "time/generate_s",
-              "time/score_s", "time/update_s", "val/gt_score", "val/kl", "val/reward"):
+    for k in (
+        "rollout/reward_mean",
+        "rollout/reward_std",
+        "rollout/gt_score",
+        "rollout/kl",
+        "rollout/entropy",
+        "rollout/response_len",
+        "rollout/eos_frac",
+        "rollout/reward/rm",
+        "train/clip_frac",
+        "train/approx_kl",
+        "train/value_loss",
+        "train/explained_var",
+        "train/kl_coef",
+        "time/generate_s",
+        "time/score_s",
+        "time/update_s",
+        "val/gt_score",
+        "val/kl",
+        "val/reward",
+    ):
         assert k in logged, k
     # The adaptive controller moved beta (target KL far below the measured one).
     betas = [float(r["train/kl_coef"]) for r in a if r.get("train/kl_coef")]
@@ -109,9 +142,19 @@ def test_ppo_checkpoint_is_a_loadable_policy_with_lineage(rl_assets, tmp_path):
     changed = [k for k, v in ckpt.state_dict.items() if k in sft and not torch.equal(v, sft[k])]
     assert changed, "PPO updates must change the policy"
     # An RL checkpoint can start another RL run (e.g. a second PPO round).
-    main(rl_config("ppo", rl_assets, tmp_path / "again", f"init_from={result['last_checkpoint']}",
-                   "algo.critic=policy_head", "algo.reward.sources=[{_target_:lmforge.world.judge.ground_truth_reward}]",
-                   "trainer.max_steps=1", "trainer.eval_every=100", "algo.eval_at_start=false"))
+    main(
+        rl_config(
+            "ppo",
+            rl_assets,
+            tmp_path / "again",
+            f"init_from={result['last_checkpoint']}",
+            "algo.critic=policy_head",
+            "algo.reward.sources=[{_target_:lmforge.world.judge.ground_truth_reward}]",
+            "trainer.max_steps=1",
+            "trainer.eval_every=100",
+            "algo.eval_at_start=false",
+        )
+    )
 
 
 def ppo_module(rl_assets, run_dir, *overrides):
@@ -126,13 +169,25 @@ def test_gae_through_the_module_uses_gamma_and_lambda_as_configured(rl_assets, t
     gamma=0.9, lam=0.5 give the hand-computed GAE; swapped they would not."""
     from lmforge.algos.rollout import Rollout
 
-    module = ppo_module(rl_assets, tmp_path / "run", "algo.critic=policy_head", "algo.gamma=0.9", "algo.lam=0.5",
-                        "algo.whiten_advantages=false", "algo.kl_coef=0.5",
-                        "algo.reward.sources=[{_target_:lmforge.world.judge.ground_truth_reward}]")
-    ro = Rollout(prompts=[None], sequences=torch.zeros(1, 5, dtype=torch.long),
-                 attention_mask=torch.ones(1, 5, dtype=torch.bool), prompt_len=2,
-                 response_mask=torch.ones(1, 3, dtype=torch.bool), ended=torch.ones(1, dtype=torch.bool),
-                 responses=[""])
+    module = ppo_module(
+        rl_assets,
+        tmp_path / "run",
+        "algo.critic=policy_head",
+        "algo.gamma=0.9",
+        "algo.lam=0.5",
+        "algo.whiten_advantages=false",
+        "algo.kl_coef=0.5",
+        "algo.reward.sources=[{_target_:lmforge.world.judge.ground_truth_reward}]",
+    )
+    ro = Rollout(
+        prompts=[None],
+        sequences=torch.zeros(1, 5, dtype=torch.long),
+        attention_mask=torch.ones(1, 5, dtype=torch.bool),
+        prompt_len=2,
+        response_mask=torch.ones(1, 3, dtype=torch.bool),
+        ended=torch.ones(1, dtype=torch.bool),
+        responses=[""],
+    )
     ro.scores = torch.tensor([1.0])
     ro.logprobs = ro.ref_logprobs = torch.full((1, 3), -1.0)
     ro.values = torch.tensor([[0.5, 0.2, 0.4]])
@@ -160,8 +215,10 @@ def test_a_reward_model_critic_starts_by_predicting_the_normalized_reward(rl_ass
     if critic_from == "source":
         overrides = [f"algo.reward.model={rm_path}"]
     else:  # a reward checkpoint that is not among the reward sources: normalized by its own stats
-        overrides = ["algo.reward.sources=[{_target_:lmforge.world.judge.ground_truth_reward}]",
-                     f"algo.critic_from={rm_path}"]
+        overrides = [
+            "algo.reward.sources=[{_target_:lmforge.world.judge.ground_truth_reward}]",
+            f"algo.critic_from={rm_path}",
+        ]
     from lmforge.algos.ppo import build
 
     cfg = rl_config("ppo", rl_assets, tmp_path / "run", *overrides)
@@ -182,19 +239,35 @@ def test_reward_stats_measured_on_the_initial_policys_samples(rl_assets, tmp_pat
     from lmforge.rewards.reward_model import RewardModelSource
 
     rm_path = make_reward_checkpoint(tmp_path / "rm.ckpt", rl_assets["tokenizer"], mean=0.5, std=2.0, head_bias=3.0)
-    cfg = rl_config("ppo", rl_assets, tmp_path / "run", f"algo.reward.model={rm_path}",
-                    "algo.reward_stats_from=policy", "algo.reward_stats_prompts=8", "algo.temperature=0.8",
-                    "algo.eval_batch_size=8")  # one batch of samples
+    cfg = rl_config(
+        "ppo",
+        rl_assets,
+        tmp_path / "run",
+        f"algo.reward.model={rm_path}",
+        "algo.reward_stats_from=policy",
+        "algo.reward_stats_prompts=8",
+        "algo.temperature=0.8",
+        "algo.eval_batch_size=8",
+    )  # one batch of samples
     module, dm = build(cfg, tmp_path / "run")
     rm = module.reward.reward_models[0]
     # The same samples again: 8 prompts, one response each, the documented seed and temperature.
     with torch.no_grad():
-        ro = sample_rollout(module.model, dm.train_prompts[:8], module.tokenizer, max_new_tokens=cfg.algo.max_new_tokens,
-                            temperature=0.8, generator=torch.Generator().manual_seed(seed_for(cfg.seed, "reward-stats", 0, 0)))
+        ro = sample_rollout(
+            module.model,
+            dm.train_prompts[:8],
+            module.tokenizer,
+            max_new_tokens=cfg.algo.max_new_tokens,
+            temperature=0.8,
+            generator=torch.Generator().manual_seed(seed_for(cfg.seed, "reward-stats", 0, 0)),
+        )
         raw = RewardModelSource(rm_path, tokenizer=module.tokenizer, normalize=False).raw_scores(
-            scoring_batch(ro, module.tokenizer))
-    assert (rm.mean, rm.std) == (pytest.approx(float(raw.mean()), abs=1e-5),
-                                 pytest.approx(float(raw.std(unbiased=False)), rel=1e-4))
+            scoring_batch(ro, module.tokenizer)
+        )
+    assert (rm.mean, rm.std) == (
+        pytest.approx(float(raw.mean()), abs=1e-5),
+        pytest.approx(float(raw.std(unbiased=False)), rel=1e-4),
+    )
     assert abs(rm.mean - 0.5) > 1e-3 and abs(rm.std - 2.0) > 1e-3
     normalized = rm(scoring_batch(ro, module.tokenizer))
     assert float(normalized.mean()) == pytest.approx(0.0, abs=1e-4)
@@ -206,8 +279,13 @@ def test_reward_stats_measured_on_the_initial_policys_samples(rl_assets, tmp_pat
 def test_a_reward_checkpoint_as_policy_is_refused_with_an_explanation(rl_assets, tmp_path):
     from lmforge.algos.ppo import build
 
-    cfg = rl_config("ppo", rl_assets, tmp_path / "run", f"init_from={rl_assets['reward']}",
-                    f"algo.reward.model={rl_assets['reward']}")
+    cfg = rl_config(
+        "ppo",
+        rl_assets,
+        tmp_path / "run",
+        f"init_from={rl_assets['reward']}",
+        f"algo.reward.model={rl_assets['reward']}",
+    )
     with pytest.raises(CheckpointError, match="'reward' checkpoint.*scalar head.*SFT"):
         build(cfg, tmp_path / "run")
 
@@ -221,8 +299,10 @@ def test_a_reward_checkpoint_as_policy_is_refused_with_an_explanation(rl_assets,
         (["algo.top_k=5"], "algo.top_k=null and algo.top_p=null"),
         (["algo.top_p=0.9"], "algo.top_k=null and algo.top_p=null"),
         (["algo.loss_agg=mean"], "algo.loss_agg='mean'"),
-        (["algo.critic=reward_model", "algo.reward.sources=[{_target_:lmforge.world.judge.ground_truth_reward}]"],
-         "critic_from"),
+        (
+            ["algo.critic=reward_model", "algo.reward.sources=[{_target_:lmforge.world.judge.ground_truth_reward}]"],
+            "critic_from",
+        ),
         (["init_from=null"], "init_from"),
     ],
 )
@@ -240,18 +320,34 @@ def test_unworkable_settings_are_refused_naming_the_key(rl_assets, tmp_path, ove
 def test_train_py_algo_ppo_end_to_end_and_resume(rl_assets, tmp_path):
     run_dir = tmp_path / "ppo"
     common = [
-        "algo=ppo", "model=nano", "logger=csv", "trainer.progress_bar=plain", f"init_from={rl_assets['policy']}",
-        f"algo.reward.model={rl_assets['reward']}", "data.n_docs=2000", f"data.cache_dir={rl_assets['cache']}",
-        "trainer.eval_every=2", "trainer.log_every=1", "algo.rollout_batch_size=8", "algo.minibatch_size=4",
-        "algo.micro_batch_size=2", "algo.ppo_epochs=2", "algo.max_new_tokens=6", "algo.eval_max_new_tokens=6",
-        "algo.eval_prompts=8", "algo.ptx_coef=0.1", "algo.ptx_batch_size=4", "algo.ptx_seq_len=48",
+        "algo=ppo",
+        "model=nano",
+        "logger=csv",
+        "trainer.progress_bar=plain",
+        f"init_from={rl_assets['policy']}",
+        f"algo.reward.model={rl_assets['reward']}",
+        "data.n_docs=2000",
+        f"data.cache_dir={rl_assets['cache']}",
+        "trainer.eval_every=2",
+        "trainer.log_every=1",
+        "algo.rollout_batch_size=8",
+        "algo.minibatch_size=4",
+        "algo.micro_batch_size=2",
+        "algo.ppo_epochs=2",
+        "algo.max_new_tokens=6",
+        "algo.eval_max_new_tokens=6",
+        "algo.eval_prompts=8",
+        "algo.ptx_coef=0.1",
+        "algo.ptx_batch_size=4",
+        "algo.ptx_seq_len=48",
         f"hydra.run.dir={run_dir}",
     ]
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
 
     def train_py(*extra):
-        proc = subprocess.run(train_py_cmd(*common, *extra), cwd=ROOT, env=env, check=False,
-                              capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            train_py_cmd(*common, *extra), cwd=ROOT, env=env, check=False, capture_output=True, text=True, timeout=600
+        )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc.stdout + proc.stderr
 

@@ -21,7 +21,11 @@ def train_py(*overrides: str, cwd: Path = ROOT, timeout: int = 300) -> subproces
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
         train_py_cmd(*overrides),
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -37,8 +41,9 @@ def column(rows: list[dict], key: str) -> dict[int, float]:
 
 
 def test_loss_falls_on_synthetic(make_cfg, shared_cache):
-    cfg = make_cfg(*SMOKE, "trainer.max_steps=40", "trainer.eval_every=20", "algo.optim.warmup_steps=5",
-                   cache=shared_cache)
+    cfg = make_cfg(
+        *SMOKE, "trainer.max_steps=40", "trainer.eval_every=20", "algo.optim.warmup_steps=5", cache=shared_cache
+    )
     result = main(cfg)
     losses = column(read_metrics(Path(cfg.run_dir)), "train/loss")
     first, last = losses[min(losses)], losses[max(losses)]
@@ -50,8 +55,13 @@ def test_loss_falls_on_synthetic(make_cfg, shared_cache):
 
 @pytest.mark.slow
 def test_train_py_end_to_end_and_resume(tmp_path, shared_cache):
-    common = [*SMOKE, f"data.cache_dir={shared_cache}", "trainer.eval_every=5", "algo.optim.warmup_steps=2",
-              "algo.optim.decay_steps=20"]
+    common = [
+        *SMOKE,
+        f"data.cache_dir={shared_cache}",
+        "trainer.eval_every=5",
+        "algo.optim.warmup_steps=2",
+        "algo.optim.decay_steps=20",
+    ]
     # An uninterrupted 20-step run, and a 10-step run resumed to 20 (the same LR horizon).
     full, part = tmp_path / "full", tmp_path / "part"
     out = train_py(*common, "trainer.max_steps=20", f"hydra.run.dir={full}")
@@ -73,8 +83,16 @@ def test_train_py_end_to_end_and_resume(tmp_path, shared_cache):
 @pytest.mark.slow
 def test_multirun_sweep_gives_one_run_folder_per_job(tmp_path, shared_cache):
     sweep = tmp_path / "sweep"
-    train_py("-m", *SMOKE, f"data.cache_dir={shared_cache}", "trainer.max_steps=3", "trainer.eval_every=3",
-             "algo.n_samples=0", "algo.optim.lr=1e-3,3e-4", f"hydra.sweep.dir={sweep}")
+    train_py(
+        "-m",
+        *SMOKE,
+        f"data.cache_dir={shared_cache}",
+        "trainer.max_steps=3",
+        "trainer.eval_every=3",
+        "algo.n_samples=0",
+        "algo.optim.lr=1e-3,3e-4",
+        f"hydra.sweep.dir={sweep}",
+    )
     for job, lr in (("0", 1e-3), ("1", 3e-4)):
         ckpt = load_checkpoint(sweep / job / "checkpoints" / "last.ckpt")
         assert ckpt.raw["global_step"] == 3

@@ -136,12 +136,26 @@ def test_short_run_stores_reward_stats_from_the_final_step_in_last_ckpt(tmp_path
     # A val/loss that never improves: ModelCheckpoint(monitor=val/loss, save_last=True) then
     # writes last.ckpt at the first validation only; the stage must still leave the final one.
     log_stats = RewardModule._log_pair_stats
-    monkeypatch.setattr(RewardModule, "_log_pair_stats", lambda self, split, loss, stats, n: log_stats(
-        self, split, torch.ones(()) if split == "val" else loss, stats, n))
+    monkeypatch.setattr(
+        RewardModule,
+        "_log_pair_stats",
+        lambda self, split, loss, stats, n: log_stats(
+            self, split, torch.ones(()) if split == "val" else loss, stats, n
+        ),
+    )
     # 5 steps, validating every 4: the final step (5) must still validate and be in last.ckpt.
     cfg = compose_config(
-        [*SMOKE, f"init_from={init}", "trainer.max_steps=5", "trainer.eval_every=4", "algo.batch_size=4",
-         "algo.val_batches=2", "data.n_pairs=64", "data.n_eval=16", f"data.cache_dir={shared_cache}"],
+        [
+            *SMOKE,
+            f"init_from={init}",
+            "trainer.max_steps=5",
+            "trainer.eval_every=4",
+            "algo.batch_size=4",
+            "algo.val_batches=2",
+            "data.n_pairs=64",
+            "data.n_eval=16",
+            f"data.cache_dir={shared_cache}",
+        ],
         run_dir=tmp_path / "run",
     )
     result = main(cfg)
@@ -171,24 +185,36 @@ def test_pretrain_then_reward_end_to_end(tmp_path, shared_cache):
     common = ["experiment=smoke", "logger=csv", "trainer.progress_bar=none", f"data.cache_dir={shared_cache}"]
 
     def train(*overrides):
-        proc = subprocess.run(train_py_cmd(*common, *overrides), cwd=tmp_path,
-                              env=env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            train_py_cmd(*common, *overrides), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc
 
     train(f"hydra.run.dir={tmp_path / 'pre'}")
     pre = tmp_path / "pre" / "checkpoints" / "last.ckpt"
     # 15 steps with eval_every=10: the final step is not a validation step of the schedule.
-    train("algo=reward", f"init_from={pre}", "data.n_pairs=2000", "trainer.max_steps=15",
-          f"hydra.run.dir={tmp_path / 'rm'}")
+    train(
+        "algo=reward",
+        f"init_from={pre}",
+        "data.n_pairs=2000",
+        "trainer.max_steps=15",
+        f"hydra.run.dir={tmp_path / 'rm'}",
+    )
     ckpt = load_checkpoint(tmp_path / "rm" / "checkpoints" / "last.ckpt")
     assert ckpt.stage == "reward" and ckpt.raw["global_step"] == 15
     assert ckpt.meta["lineage"]["init_from"] == str(pre)
     assert set(ckpt.meta["reward_stats"]) == {"mean", "std", "n"}
     assert ckpt.tokenizer.proto() == load_checkpoint(pre).tokenizer.proto()
     header = (tmp_path / "rm" / "csv" / "metrics.csv").read_text().splitlines()[0]
-    for key in ("train/loss", "train/accuracy", "val/accuracy", "val/judge_agreement", "val/judge_agreement_seen",
-                "data/train_pairs"):
+    for key in (
+        "train/loss",
+        "train/accuracy",
+        "val/accuracy",
+        "val/judge_agreement",
+        "val/judge_agreement_seen",
+        "data/train_pairs",
+    ):
         assert key in header
 
 
@@ -223,5 +249,9 @@ def test_judge_agreement_counts_the_pairs_the_judge_orders_the_same_way(tmp_path
     module.log = lambda key, value, **kw: logged.__setitem__(key, float(value))
     module.log_judge_agreement("seen")
     module.log_judge_agreement()
-    assert logged == {"val/judge_agreement_seen": 0.75, "val/judge_agreement": 0.75,
-                      "val/judge_agreement_add": pytest.approx(2 / 3), "val/judge_agreement_mul": 1.0}
+    assert logged == {
+        "val/judge_agreement_seen": 0.75,
+        "val/judge_agreement": 0.75,
+        "val/judge_agreement_add": pytest.approx(2 / 3),
+        "val/judge_agreement_mul": 1.0,
+    }

@@ -48,10 +48,22 @@ def captured_update(algo: str, micro: int, assets: dict, tmp_path_factory, *extr
 
         per_algo = ["algo.critic=policy_head"] if algo == "ppo" else []
         _, _, module = toy_update(
-            algo, assets, tmp_path_factory.mktemp(f"{algo}-{micro}"), f"algo.rollout_batch_size={ROWS // k}",
-            f"algo.samples_per_prompt={k}", f"algo.minibatch_size={ROWS}", f"algo.micro_batch_size={micro}",
-            "algo.ppo_epochs=1", "algo.max_new_tokens=6", f"algo.temperature={TEMPERATURE}", "algo.kl_coef=0.1",
-            "algo.optim.grad_clip=0", *per_algo, *extra, prepare=prepare)
+            algo,
+            assets,
+            tmp_path_factory.mktemp(f"{algo}-{micro}"),
+            f"algo.rollout_batch_size={ROWS // k}",
+            f"algo.samples_per_prompt={k}",
+            f"algo.minibatch_size={ROWS}",
+            f"algo.micro_batch_size={micro}",
+            "algo.ppo_epochs=1",
+            "algo.max_new_tokens=6",
+            f"algo.temperature={TEMPERATURE}",
+            "algo.kl_coef=0.1",
+            "algo.optim.grad_clip=0",
+            *per_algo,
+            *extra,
+            prepare=prepare,
+        )
         assert len(grads[0]) == 1, "one optimizer update"
         _runs[key] = {"grad": grads[0][0], "stats": stats[0], "module": module}
     return _runs[key]
@@ -68,10 +80,8 @@ def relative_difference(a: dict, b: dict) -> float:
 DR_GRPO = ("algo.scale_rewards=false", "algo.loss_agg=seq-mean-token-sum-norm")
 
 
-@pytest.mark.parametrize("algo, extra", [(a, ()) for a in ALGOS] + [("grpo", DR_GRPO)],
-                         ids=[*ALGOS, "dr-grpo"])
-def test_the_gradient_of_an_update_does_not_depend_on_the_micro_batch_split(algo, extra, rl_assets,
-                                                                            tmp_path_factory):
+@pytest.mark.parametrize("algo, extra", [(a, ()) for a in ALGOS] + [("grpo", DR_GRPO)], ids=[*ALGOS, "dr-grpo"])
+def test_the_gradient_of_an_update_does_not_depend_on_the_micro_batch_split(algo, extra, rl_assets, tmp_path_factory):
     whole = captured_update(algo, ROWS, rl_assets, tmp_path_factory, *extra)
     split = captured_update(algo, ROWS // 4, rl_assets, tmp_path_factory, *extra)
     ro_a, ro_b = whole["module"].last_rollout, split["module"].last_rollout
@@ -105,8 +115,13 @@ def test_old_and_reference_log_probs_are_those_of_the_sampling_distribution(rl_a
     load_matching(policy, submodule_state(ckpt.state_dict, "model"), "policy")
     torch.testing.assert_close(ro.ref_logprobs, ro.logprobs, atol=1e-5, rtol=0)
     for row in range(4):
-        ids = [t for t, a in zip(ro.sequences[row, : ro.prompt_len].tolist(),
-                                 ro.attention_mask[row, : ro.prompt_len].tolist()) if a]
+        ids = [
+            t
+            for t, a in zip(
+                ro.sequences[row, : ro.prompt_len].tolist(), ro.attention_mask[row, : ro.prompt_len].tolist()
+            )
+            if a
+        ]
         for t in range(int(ro.response_mask[row].sum())):
             tok = int(ro.response_tokens[row, t])
             with torch.no_grad():
@@ -132,11 +147,21 @@ def test_the_kl_controller_and_rollout_kl_use_the_configured_estimator(algo, rl_
         module.kl_ctl.update = recorded
 
     k = 1 if algo == "ppo" else 4
-    _, _, module = toy_update(algo, rl_assets, tmp_path_factory.mktemp(f"kl-{algo}"), f"algo.ref_from={ref}",
-                              "algo.kl_estimator=k3", "algo.adaptive_kl=true", "algo.kl_coef=0.1",
-                              f"algo.rollout_batch_size={8 // k}", f"algo.samples_per_prompt={k}",
-                              "algo.minibatch_size=8", "algo.micro_batch_size=4", "algo.critic=policy_head"
-                              if algo == "ppo" else "algo.scale_rewards=true", prepare=prepare)
+    _, _, module = toy_update(
+        algo,
+        rl_assets,
+        tmp_path_factory.mktemp(f"kl-{algo}"),
+        f"algo.ref_from={ref}",
+        "algo.kl_estimator=k3",
+        "algo.adaptive_kl=true",
+        "algo.kl_coef=0.1",
+        f"algo.rollout_batch_size={8 // k}",
+        f"algo.samples_per_prompt={k}",
+        "algo.minibatch_size=8",
+        "algo.micro_batch_size=4",
+        "algo.critic=policy_head" if algo == "ppo" else "algo.scale_rewards=true",
+        prepare=prepare,
+    )
     metrics = module.trainer.callback_metrics
     kl, k1, k3 = (float(metrics[f"rollout/{n}"]) for n in ("kl", "kl_k1", "kl_k3"))
     assert abs(k1 - k3) > 0.1 * abs(k3), (k1, k3)  # the test can tell the estimators apart

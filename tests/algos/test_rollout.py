@@ -47,8 +47,7 @@ def nano_tokenizer(cache: Path):
     return load_or_train_tokenizer(cfg.data)
 
 
-def save_stage_checkpoint(path: Path, stage: str, model: nn.Module, tokenizer, model_cfg: ModelConfig,
-                          **meta) -> Path:
+def save_stage_checkpoint(path: Path, stage: str, model: nn.Module, tokenizer, model_cfg: ModelConfig, **meta) -> Path:
     """A checkpoint as a stage's LightningModule saves it: `model.*` keys and `lmforge` metadata."""
     path.parent.mkdir(parents=True, exist_ok=True)
     lmforge = {
@@ -71,16 +70,16 @@ def make_policy_checkpoint(path: Path, tokenizer, stage: str = "sft", seed: int 
     return save_stage_checkpoint(path, stage, CausalLM(mc), tokenizer, mc)
 
 
-def make_reward_checkpoint(path: Path, tokenizer, mean: float = 0.5, std: float = 2.0, seed: int = 1,
-                           head_bias: float = 0.0) -> Path:
+def make_reward_checkpoint(
+    path: Path, tokenizer, mean: float = 0.5, std: float = 2.0, seed: int = 1, head_bias: float = 0.0
+) -> Path:
     """A reward-stage checkpoint (ScalarModel `model.backbone.*` + `model.head.*`, reward_stats)."""
     torch.manual_seed(seed)
     mc = nano_config()
     rm = ScalarModel(mc)
     with torch.no_grad():
         rm.head.bias.fill_(head_bias)
-    return save_stage_checkpoint(path, "reward", rm, tokenizer, mc,
-                                 reward_stats={"mean": mean, "std": std, "n": 1000})
+    return save_stage_checkpoint(path, "reward", rm, tokenizer, mc, reward_stats={"mean": mean, "std": std, "n": 1000})
 
 
 def build_rl_assets(tmp_path_factory, shared_cache) -> dict:
@@ -99,15 +98,32 @@ def build_rl_assets(tmp_path_factory, shared_cache) -> dict:
 
 def rl_config(algo: str, assets: dict, run_dir: Path, *overrides: str):
     """A small RL run on the nano model: the config `python train.py algo=<algo> ...` would run."""
-    cfg = compose_config([
-        f"algo={algo}", "model=nano", "logger=none", "trainer.progress_bar=none", "trainer.accelerator=cpu",
-        f"init_from={assets['policy']}", "data.n_docs=2000", f"data.cache_dir={assets['cache']}",
-        "trainer.max_steps=2", "trainer.eval_every=2", "trainer.log_every=1",
-        "algo.rollout_batch_size=4", "algo.minibatch_size=4", "algo.micro_batch_size=2",
-        "algo.max_new_tokens=6", "algo.eval_max_new_tokens=6", "algo.eval_prompts=4", "algo.eval_batch_size=4",
-        "algo.sample_every=1", "algo.n_samples=2",
-        *overrides,
-    ], run_dir=run_dir)
+    cfg = compose_config(
+        [
+            f"algo={algo}",
+            "model=nano",
+            "logger=none",
+            "trainer.progress_bar=none",
+            "trainer.accelerator=cpu",
+            f"init_from={assets['policy']}",
+            "data.n_docs=2000",
+            f"data.cache_dir={assets['cache']}",
+            "trainer.max_steps=2",
+            "trainer.eval_every=2",
+            "trainer.log_every=1",
+            "algo.rollout_batch_size=4",
+            "algo.minibatch_size=4",
+            "algo.micro_batch_size=2",
+            "algo.max_new_tokens=6",
+            "algo.eval_max_new_tokens=6",
+            "algo.eval_prompts=4",
+            "algo.eval_batch_size=4",
+            "algo.sample_every=1",
+            "algo.n_samples=2",
+            *overrides,
+        ],
+        run_dir=run_dir,
+    )
     return cfg
 
 
@@ -144,9 +160,19 @@ def toy_update(algo: str, assets: dict, run_dir: Path, *overrides: str, prepare=
     from lmforge.rewards.reward_function import RewardFunction
     from lmforge.training.trainer import build_trainer
 
-    cfg = rl_config(algo, assets, run_dir, "trainer.max_steps=1", "trainer.eval_every=100", "algo.eval_at_start=false",
-                    "algo.reward.sources=[{_target_:lmforge.world.judge.ground_truth_reward}]",
-                    "algo.max_new_tokens=2", "algo.kl_coef=0.0", "algo.optim.lr=3e-3", *overrides)
+    cfg = rl_config(
+        algo,
+        assets,
+        run_dir,
+        "trainer.max_steps=1",
+        "trainer.eval_every=100",
+        "algo.eval_at_start=false",
+        "algo.reward.sources=[{_target_:lmforge.world.judge.ground_truth_reward}]",
+        "algo.max_new_tokens=2",
+        "algo.kl_coef=0.0",
+        "algo.optim.lr=3e-3",
+        *overrides,
+    )
     module, dm = importlib.import_module(STAGES[cfg.algo.name]).build(cfg, Path(cfg.run_dir))
     rewarded = set(range(4, cfg.model.vocab_size, 2))
     module.reward = RewardFunction([(FirstTokenReward(rewarded), 1.0)])
@@ -224,8 +250,9 @@ class ShiftLM(nn.Module):
 
     def __init__(self, vocab: int = 16, scale: float = 12.0):
         super().__init__()
-        self.cfg = ModelConfig(n_layer=1, n_head=1, n_kv_head=1, d_model=vocab, d_ff=vocab, vocab_size=vocab,
-                               max_seq_len=64)
+        self.cfg = ModelConfig(
+            n_layer=1, n_head=1, n_kv_head=1, d_model=vocab, d_ff=vocab, vocab_size=vocab, max_seq_len=64
+        )
         self.scale = scale
         w = torch.zeros(vocab, vocab)
         w[(torch.arange(vocab) + 1) % vocab, torch.arange(vocab)] = scale
@@ -239,8 +266,17 @@ class ShiftLM(nn.Module):
     def lm_head_weight(self):
         return self.w
 
-    def forward(self, idx, *, last_only=False, columns=None, return_hidden=False, attention_mask=None,
-                kv_cache=None, positions=None):
+    def forward(
+        self,
+        idx,
+        *,
+        last_only=False,
+        columns=None,
+        return_hidden=False,
+        attention_mask=None,
+        kv_cache=None,
+        positions=None,
+    ):
         # No cache: generate() then feeds the whole sequence every step (kv_cache.length stays 0).
         hidden = self.backbone(idx)
         hidden = hidden[:, -1:] if last_only else hidden if columns is None else hidden[:, columns]
@@ -287,8 +323,9 @@ def test_rollout_logprobs_match_stepwise_sampling_distribution_at_temperature():
     tok = FakeTok()
     prompts = prompts_of([5, 6, 7, 8, 9], [10, 11], [12, 13, 14])
     T = 0.7
-    ro = sample_rollout(model, prompts, tok, max_new_tokens=6, temperature=T,
-                        generator=torch.Generator().manual_seed(1))
+    ro = sample_rollout(
+        model, prompts, tok, max_new_tokens=6, temperature=T, generator=torch.Generator().manual_seed(1)
+    )
     logits, _ = response_logits(model, ro.sequences, ro.attention_mask, ro.prompt_len)
     logp = logprobs_from_logits(logits, ro.response_tokens, temperature=T)
     for row, p in enumerate(prompts):
@@ -318,16 +355,25 @@ def test_everything_after_the_first_eos_is_masked():
     assert ro.responses[1] == ""
     # The mask function itself: up to and including the first EOS only.
     toks = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 2, 3, 4]])
-    assert mask_after_eos(toks, 2).tolist() == [[True, True, False, False], [True] * 4,
-                                               [True, False, False, False]]
+    assert mask_after_eos(toks, 2).tolist() == [[True, True, False, False], [True] * 4, [True, False, False, False]]
 
 
 def test_algo_static_cache_samples_the_same_rollout():
     torch.manual_seed(0)
     model = CausalLM(nano_config())
     prompts = prompts_of([3, 4, 5], [6], [7, 8, 9, 10])
-    a, b = (sample_rollout(model, prompts, FakeTok(), max_new_tokens=6, temperature=1.0, static_cache=static,
-                           generator=torch.Generator().manual_seed(0)) for static in (False, True))
+    a, b = (
+        sample_rollout(
+            model,
+            prompts,
+            FakeTok(),
+            max_new_tokens=6,
+            temperature=1.0,
+            static_cache=static,
+            generator=torch.Generator().manual_seed(0),
+        )
+        for static in (False, True)
+    )
     assert torch.equal(a.sequences, b.sequences) and torch.equal(a.response_mask, b.response_mask)
     assert a.responses == b.responses
 
@@ -355,8 +401,14 @@ def test_sampling_seeds_differ_per_rank_and_step_and_are_reproducible():
 
 def test_rollout_is_a_dataclass_of_the_documented_shapes():
     model = ShiftLM(vocab=16)
-    ro: Rollout = sample_rollout(model, prompts_of([3, 4, 5], [6]), FakeTok(), max_new_tokens=3, temperature=1.0,
-                                 generator=torch.Generator().manual_seed(0))
+    ro: Rollout = sample_rollout(
+        model,
+        prompts_of([3, 4, 5], [6]),
+        FakeTok(),
+        max_new_tokens=3,
+        temperature=1.0,
+        generator=torch.Generator().manual_seed(0),
+    )
     B, W = ro.sequences.shape
     assert ro.attention_mask.shape == (B, W) and ro.response_mask.shape == (B, W - ro.prompt_len)
     assert ro.prompt_len == 3 and len(ro.responses) == B == 2

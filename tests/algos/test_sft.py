@@ -39,8 +39,10 @@ def examples(tok):
     tasks = SyntheticWorld(0).tasks(48)
     pairs = [Pair(TEMPLATE.format(prompt=t.prompt), " " + t.answer, str(i)) for i, t in enumerate(tasks)]
     # Some long-winded responses too, so lengths vary a lot.
-    pairs += [Pair(TEMPLATE.format(prompt=t.prompt), " " + " ".join([t.answer] * (i % 5 + 1)), f"x{i}")
-              for i, t in enumerate(tasks[:16])]
+    pairs += [
+        Pair(TEMPLATE.format(prompt=t.prompt), " " + " ".join([t.answer] * (i % 5 + 1)), f"x{i}")
+        for i, t in enumerate(tasks[:16])
+    ]
     return encode_pairs(pairs, tok, 64, BadRecords())
 
 
@@ -249,19 +251,38 @@ def run_train(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
 def test_pretrain_then_sft_end_to_end(tmp_path):
     cache = tmp_path / "cache"
     pre = tmp_path / "pre"
-    run_train("algo=pretrain", f"data.cache_dir={cache}", "trainer.max_steps=10", "trainer.eval_every=10",
-              f"hydra.run.dir={pre}")
+    run_train(
+        "algo=pretrain",
+        f"data.cache_dir={cache}",
+        "trainer.max_steps=10",
+        "trainer.eval_every=10",
+        f"hydra.run.dir={pre}",
+    )
     sft = tmp_path / "sft"
-    run_train("algo=sft", f"init_from={pre / 'checkpoints' / 'last.ckpt'}", f"data.cache_dir={cache}",
-              "trainer.max_steps=20", "data.n_sft=400", "algo.eval_prompts=16", f"hydra.run.dir={sft}")
+    run_train(
+        "algo=sft",
+        f"init_from={pre / 'checkpoints' / 'last.ckpt'}",
+        f"data.cache_dir={cache}",
+        "trainer.max_steps=20",
+        "data.n_sft=400",
+        "algo.eval_prompts=16",
+        f"hydra.run.dir={sft}",
+    )
     for name in ("last.ckpt", "best.ckpt"):
         ckpt = load_checkpoint(sft / "checkpoints" / name)
         assert ckpt.stage == "sft"
         assert ckpt.meta["lineage"]["init_from"].endswith("last.ckpt")
     rows = (sft / "csv" / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
-    for col in ("train/loss", "val/loss", "val/ppl", "val/judge_score", "val/exact", "perf/tokens_per_s",
-                "data/train_truncated"):
+    for col in (
+        "train/loss",
+        "val/loss",
+        "val/ppl",
+        "val/judge_score",
+        "val/exact",
+        "perf/tokens_per_s",
+        "data/train_truncated",
+    ):
         assert col in header, header
     last = {k: v for row in rows[1:] for k, v in zip(header, row.split(",")) if v}
     assert 0.0 <= float(last["val/judge_score"]) <= 1.0
@@ -273,9 +294,18 @@ def test_jsonl_from_scratch_trains_a_tokenizer_on_the_pairs(make_cfg, tmp_path):
     path = tmp_path / "sft.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{broken\n")
     # (experiment=smoke sets data.n_docs, which data=jsonl does not have)
-    cfg = make_cfg("model=nano", "logger=csv", "algo=sft", "algo.batch_size=8", "algo.seq_len=64", "algo.val_batches=2",
-                   "data=jsonl", f"data.path={path}", "data.val_fraction=0.1",
-                   "data.on_bad_record=skip")
+    cfg = make_cfg(
+        "model=nano",
+        "logger=csv",
+        "algo=sft",
+        "algo.batch_size=8",
+        "algo.seq_len=64",
+        "algo.val_batches=2",
+        "data=jsonl",
+        f"data.path={path}",
+        "data.val_fraction=0.1",
+        "data.on_bad_record=skip",
+    )
     module, dm = build(cfg, tmp_path / "run")
     assert module.eval_prompts == []  # no judge outside the synthetic world
     stats = dm.data_stats()

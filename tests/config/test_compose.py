@@ -14,8 +14,12 @@ from lmforge.model import CausalLM, ModelConfigError
 
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 ALGOS = sorted(p.stem for p in (CONF / "algo").glob("*.yaml"))
-REQUIRED_PATHS = {"text": ["data.paths=[x.txt]"], "jsonl": ["data.path=x.jsonl"], "hh": ["data.path=x.jsonl"],
-                  "feedback": ["data.db=x.db"]}
+REQUIRED_PATHS = {
+    "text": ["data.paths=[x.txt]"],
+    "jsonl": ["data.path=x.jsonl"],
+    "hh": ["data.path=x.jsonl"],
+    "feedback": ["data.db=x.db"],
+}
 
 
 def group_files(group: str) -> list[str]:

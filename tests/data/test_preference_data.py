@@ -39,9 +39,17 @@ def tok(tmp_path_factory):
 
 def jsonl_cfg(path, **kw):
     base = dict(
-        source="jsonl", path=str(path), val_path=None, val_fraction=0.5, on_bad_record="error",
-        prompt_field="prompt", chosen_field="chosen", rejected_field="rejected",
-        prompt_template="User: {prompt}\nAssistant:", response_prefix=" ", assistant_marker=M,
+        source="jsonl",
+        path=str(path),
+        val_path=None,
+        val_fraction=0.5,
+        on_bad_record="error",
+        prompt_field="prompt",
+        chosen_field="chosen",
+        rejected_field="rejected",
+        prompt_template="User: {prompt}\nAssistant:",
+        response_prefix=" ",
+        assistant_marker=M,
     )
     return SimpleNamespace(**{**base, **kw})
 
@@ -56,9 +64,14 @@ def write_lines(path, lines):
 
 def test_jsonl_record_renders_prompt_template_and_response_prefix():
     pair = parse_jsonl_record(
-        {"q": "What is 2 + 3?", "good": "5", "bad": "6"}, "f:1", BadRecords(),
-        prompt_field="q", chosen_field="good", rejected_field="bad",
-        prompt_template="User: {prompt}\nAssistant:", response_prefix=" ",
+        {"q": "What is 2 + 3?", "good": "5", "bad": "6"},
+        "f:1",
+        BadRecords(),
+        prompt_field="q",
+        chosen_field="good",
+        rejected_field="bad",
+        prompt_template="User: {prompt}\nAssistant:",
+        response_prefix=" ",
     )
     assert pair == PreferencePair("User: What is 2 + 3?\nAssistant:", " 5", " 6", "f:1")
 
@@ -84,14 +97,17 @@ def test_bad_jsonl_records_error_naming_the_line_or_are_counted(record, reason):
 
 
 def test_malformed_line_names_file_and_line(tmp_path):
-    path = write_lines(tmp_path / "p.jsonl", [
-        {"prompt": "a", "chosen": "x", "rejected": "y"},
-        "",  # blank lines are fine
-        '{"prompt": "b", "chosen": "x",',  # line 3: truncated JSON
-        "[1, 2]",  # line 4: not an object
-        {"prompt": "c", "chosen": "x", "rejected": "x"},  # line 5: identical
-        {"prompt": "d", "chosen": "x", "rejected": "z"},
-    ])
+    path = write_lines(
+        tmp_path / "p.jsonl",
+        [
+            {"prompt": "a", "chosen": "x", "rejected": "y"},
+            "",  # blank lines are fine
+            '{"prompt": "b", "chosen": "x",',  # line 3: truncated JSON
+            "[1, 2]",  # line 4: not an object
+            {"prompt": "c", "chosen": "x", "rejected": "x"},  # line 5: identical
+            {"prompt": "d", "chosen": "x", "rejected": "z"},
+        ],
+    )
     with pytest.raises(DataError, match=rf"{tmp_path / 'p.jsonl'}:3: malformed JSON"):
         read_preference_file(str(path), jsonl_cfg(path), BadRecords("error"))
     bad = BadRecords("skip")
@@ -116,8 +132,9 @@ def test_split_dialogue_at_the_last_assistant_turn():
 
 
 def test_hh_record_single_and_multi_turn():
-    one = parse_hh_record({"chosen": "\n\nHuman: hi" + M + " Hello!", "rejected": "\n\nHuman: hi" + M + " Go away."},
-                          "hh:1", BadRecords())
+    one = parse_hh_record(
+        {"chosen": "\n\nHuman: hi" + M + " Hello!", "rejected": "\n\nHuman: hi" + M + " Go away."}, "hh:1", BadRecords()
+    )
     assert (one.prompt, one.chosen, one.rejected) == ("\n\nHuman: hi" + M, " Hello!", " Go away.")
     prefix = "\n\nHuman: hi" + M + " Hello!\n\nHuman: what is 2+2?" + M
     multi = parse_hh_record({"chosen": prefix + " 4", "rejected": prefix + " 5"}, "hh:2", BadRecords())
@@ -142,7 +159,9 @@ def test_bad_hh_records(record, reason):
 
 
 def test_hh_file_prompt_is_verbatim(tmp_path):
-    path = write_lines(tmp_path / "hh.jsonl", [{"chosen": "\n\nHuman: x" + M + " y", "rejected": "\n\nHuman: x" + M + " z"}])
+    path = write_lines(
+        tmp_path / "hh.jsonl", [{"chosen": "\n\nHuman: x" + M + " y", "rejected": "\n\nHuman: x" + M + " z"}]
+    )
     (pair,) = read_preference_file(str(path), jsonl_cfg(path, source="hh"), BadRecords())
     assert pair.prompt == "\n\nHuman: x" + M  # no template
 
@@ -160,9 +179,9 @@ def test_long_prompt_is_cut_from_the_left_and_counted(tok):
     assert enc.truncated and len(enc.chosen) == 24 and len(enc.rejected) == 24
     for seq, resp in ((enc.chosen, " 5"), (enc.rejected, " 6")):
         tail = tok.encode(resp) + [tok.eos_id]
-        assert seq[-len(tail):] == tail  # the response end and EOS survive
+        assert seq[-len(tail) :] == tail  # the response end and EOS survive
     prompt_ids = tok.encode(long.prompt)
-    assert enc.chosen[: 24 - len(tail)] == prompt_ids[-(24 - len(tail)):]  # the prompt's END is kept
+    assert enc.chosen[: 24 - len(tail)] == prompt_ids[-(24 - len(tail)) :]  # the prompt's END is kept
     assert not encoded[1].truncated
 
 
@@ -247,8 +266,16 @@ def test_synthetic_pairs_are_rerendered_with_the_configured_template():
 
 
 def test_synthetic_splits_hold_held_out_judge_pairs(tok):
-    cfg = SimpleNamespace(source="synthetic", seed=0, n_pairs=30, n_eval=12, annotator_noise=0.0,
-                          prompt_template="User: {prompt}\nAssistant:", response_prefix=" ", on_bad_record="error")
+    cfg = SimpleNamespace(
+        source="synthetic",
+        seed=0,
+        n_pairs=30,
+        n_eval=12,
+        annotator_noise=0.0,
+        prompt_template="User: {prompt}\nAssistant:",
+        response_prefix=" ",
+        on_bad_record="error",
+    )
     splits = load_preference_splits(cfg, PreferenceBatching(4, 64, 2, 0), tok)
     assert splits.counts == {"train_pairs": 30, "val_pairs": 8, "truncated_pairs": 0, "skipped_records": 0}
     assert len(splits.judge) == len(splits.judge_pairs) == 12

@@ -39,8 +39,17 @@ def tok(tmp_path_factory):
 
 
 def jsonl_cfg(path, **kw):
-    base = dict(source="jsonl", path=str(path), val_path=None, val_fraction=0.2, prompt_field="prompt",
-                response_field="response", prompt_template=TEMPLATE, response_prefix=" ", on_bad_record="error")
+    base = dict(
+        source="jsonl",
+        path=str(path),
+        val_path=None,
+        val_fraction=0.2,
+        prompt_field="prompt",
+        response_field="response",
+        prompt_template=TEMPLATE,
+        response_prefix=" ",
+        on_bad_record="error",
+    )
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -70,8 +79,12 @@ def test_labels_supervise_exactly_the_response_and_eos(tok):
 
 
 def test_padding_is_masked_and_on_the_right(tok):
-    pairs = [Pair(TEMPLATE.format(prompt=q), " " + a, f"t:{i}") for i, (q, a) in
-             enumerate([("What is 1 + 1?", "2"), ("Reverse the word: lemon", "nomel"), ("Uppercase: cat", "CAT")])]
+    pairs = [
+        Pair(TEMPLATE.format(prompt=q), " " + a, f"t:{i}")
+        for i, (q, a) in enumerate(
+            [("What is 1 + 1?", "2"), ("Reverse the word: lemon", "nomel"), ("Uppercase: cat", "CAT")]
+        )
+    ]
     exs = encode_pairs(pairs, tok, 64, BadRecords())
     b = collate(exs, tok.pad_id)
     T = max(len(e.ids) - 1 for e in exs)
@@ -97,8 +110,8 @@ def test_long_prompt_is_cut_from_the_left_keeping_response_and_eos(tok, caplog):
     ex = exs[0]
     r = tok.encode(" 19") + [tok.eos_id]
     assert len(ex.ids) == seq_len + 1  # the model reads seq_len of them
-    assert ex.ids[-len(r):] == r  # the whole response and EOS survive
-    assert ex.ids[: ex.n_prompt] == tok.encode(long_prompt)[-ex.n_prompt:]  # the prompt's END is kept
+    assert ex.ids[-len(r) :] == r  # the whole response and EOS survive
+    assert ex.ids[: ex.n_prompt] == tok.encode(long_prompt)[-ex.n_prompt :]  # the prompt's END is kept
     assert len(collate([ex], tok.pad_id)["input_ids"][0]) == seq_len
 
 
@@ -129,8 +142,14 @@ def test_response_longer_than_context_is_a_bad_record(tok):
 
 
 def test_synthetic_pairs_use_the_configured_template_and_splits():
-    cfg = SimpleNamespace(source="synthetic", seed=0, n_sft=50, prompt_template="Q: {prompt}\nA:",
-                          response_prefix="  ", on_bad_record="error")
+    cfg = SimpleNamespace(
+        source="synthetic",
+        seed=0,
+        n_sft=50,
+        prompt_template="Q: {prompt}\nA:",
+        response_prefix="  ",
+        on_bad_record="error",
+    )
     train, val = load_pairs(cfg, 20)
     assert len(train) == 50 and len(val) == 20
     world = SyntheticWorld(0)
@@ -159,7 +178,9 @@ def test_val_fraction_split_is_deterministic_disjoint_and_keeps_prompts_together
     cfg = jsonl_cfg(write_jsonl(tmp_path / "a.jsonl", rows), val_fraction=0.2)
     train, val = load_pairs(cfg, 1000)
     train2, val2 = load_pairs(cfg, 1000)
-    assert [p.origin for p in val] == [p.origin for p in val2] and [p.origin for p in train] == [p.origin for p in train2]
+    assert [p.origin for p in val] == [p.origin for p in val2] and [p.origin for p in train] == [
+        p.origin for p in train2
+    ]
     assert len(train) + len(val) == 200 and 0 < len(val) < 200
     assert not {p.raw_prompt for p in train} & {p.raw_prompt for p in val}  # no prompt in both splits
     # A tiny file still gets one validation record.
@@ -197,8 +218,14 @@ def test_bad_records_are_skipped_counted_and_logged(tmp_path, caplog):
     bad = BadRecords("skip")
     pairs = jsonl_pairs(jsonl_cfg(path), str(path), bad)
     assert [p.origin for p in pairs] == [f"{path}:1", f"{path}:{len(BAD_LINES) + 1}"]
-    assert bad.counts == {"unreadable line": 2, "empty prompt": 1, "empty response": 1,
-                          "non-string prompt": 1, "non-string response": 1, "missing field": 1}
+    assert bad.counts == {
+        "unreadable line": 2,
+        "empty prompt": 1,
+        "empty response": 1,
+        "non-string prompt": 1,
+        "non-string response": 1,
+        "missing field": 1,
+    }
     assert bad.examples["unreadable line"].startswith(f"{path}:2: unreadable line")
     with caplog.at_level(logging.WARNING):
         bad.log_summary("SFT records")
@@ -245,8 +272,10 @@ def test_bucketing_cuts_padding():
 
 
 def test_train_batches_are_a_function_of_the_batch_number(tok):
-    pairs = [Pair(TEMPLATE.format(prompt=t.prompt), " " + t.answer, str(i))
-             for i, t in enumerate(SyntheticWorld(0).tasks(40))]
+    pairs = [
+        Pair(TEMPLATE.format(prompt=t.prompt), " " + t.answer, str(i))
+        for i, t in enumerate(SyntheticWorld(0).tasks(40))
+    ]
     exs = encode_pairs(pairs, tok, 64, BadRecords())
     full = TrainBatches(exs, 8, "bucket", 0, tok.pad_id)
     it = iter(full)

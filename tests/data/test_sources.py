@@ -118,14 +118,18 @@ def test_nul_byte_names_file_and_offset(tmp_path):
 
 
 def test_read_jsonl_documents_with_line_origins(tmp_path):
-    f = write_jsonl(tmp_path / "x.jsonl", [json.dumps({"text": "one"}), "", "   ", json.dumps({"text": "two", "id": 2})])
+    f = write_jsonl(
+        tmp_path / "x.jsonl", [json.dumps({"text": "one"}), "", "   ", json.dumps({"text": "two", "id": 2})]
+    )
     docs = list(read_jsonl(f))
     assert docs == [Document("one", f"{f}:1"), Document("two", f"{f}:4")]
 
 
 def test_read_jsonl_other_field_and_cleaning(tmp_path):
     f = write_jsonl(tmp_path / "x.jsonl", [json.dumps({"body": "<b>bold</b>   move"})])
-    assert [d.text for d in read_jsonl(f, text_field="body", clean_html=True, collapse_whitespace=True)] == ["bold move"]
+    assert [d.text for d in read_jsonl(f, text_field="body", clean_html=True, collapse_whitespace=True)] == [
+        "bold move"
+    ]
 
 
 def test_read_jsonl_strips_bom(tmp_path):
@@ -135,7 +139,9 @@ def test_read_jsonl_strips_bom(tmp_path):
 
 def test_malformed_json_names_file_and_line(tmp_path):
     f = write_jsonl(tmp_path / "x.jsonl", ['{"text": "ok"}', '{"text": "a" "b"}'])
-    with pytest.raises(DataError, match=r"x\.jsonl:2: malformed JSON \(Expecting ',' delimiter.*fix the line or remove it"):
+    with pytest.raises(
+        DataError, match=r"x\.jsonl:2: malformed JSON \(Expecting ',' delimiter.*fix the line or remove it"
+    ):
         list(read_jsonl(f))
 
 
@@ -147,13 +153,17 @@ def test_non_object_line(tmp_path):
 
 def test_missing_field_lists_fields_present(tmp_path):
     f = write_jsonl(tmp_path / "x.jsonl", ['{"text": "ok"}', "", '{"content": "x", "id": 3}'])
-    with pytest.raises(DataError, match=r"x\.jsonl:3: no field 'text' \(data\.text_field\); fields present: content, id"):
+    with pytest.raises(
+        DataError, match=r"x\.jsonl:3: no field 'text' \(data\.text_field\); fields present: content, id"
+    ):
         list(read_jsonl(f))
 
 
 def test_non_string_field(tmp_path):
     f = write_jsonl(tmp_path / "x.jsonl", ['{"text": 42}'])
-    with pytest.raises(DataError, match=r"x\.jsonl:1: field 'text' \(data\.text_field\) is a number, expected a string"):
+    with pytest.raises(
+        DataError, match=r"x\.jsonl:1: field 'text' \(data\.text_field\) is a number, expected a string"
+    ):
         list(read_jsonl(f))
 
 

@@ -14,8 +14,7 @@ from lmforge.data.tokenizer import EOS_ID, Tokenizer, train_tokenizer
 from lmforge.errors import DataError
 
 TEXTS = [
-    f"Document {i}: the cat sat on mat number {i * 37}.\n    indented line {i}\n\n大规模语言模型 {i}"
-    for i in range(60)
+    f"Document {i}: the cat sat on mat number {i * 37}.\n    indented line {i}\n\n大规模语言模型 {i}" for i in range(60)
 ]
 
 

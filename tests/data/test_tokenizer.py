@@ -151,8 +151,12 @@ def test_foreign_special_ids_are_rejected(tmp_path):
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS), model_writer=model, vocab_size=VOCAB, byte_fallback=True,
-        hard_vocab_limit=False, minloglevel=2,  # default ids: unk=0, bos=1, eos=2, pad=-1
+        sentence_iterator=iter(CORPUS),
+        model_writer=model,
+        vocab_size=VOCAB,
+        byte_fallback=True,
+        hard_vocab_limit=False,
+        minloglevel=2,  # default ids: unk=0, bos=1, eos=2, pad=-1
     )
     with pytest.raises(DataError, match="special ids"):
         Tokenizer.from_proto(model.getvalue(), source="foreign.model")

@@ -22,8 +22,13 @@ from torch import nn
 TESTS = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(TESTS), str(TESTS / "algos")]
 
-ALGOS = {"ppo": ["algo.critic=policy_head"], "reinforce": [], "rloo": [], "grpo": [],
-         "dr-grpo": ["algo.scale_rewards=false", "algo.loss_agg=seq-mean-token-sum-norm"]}
+ALGOS = {
+    "ppo": ["algo.critic=policy_head"],
+    "reinforce": [],
+    "rloo": [],
+    "grpo": [],
+    "dr-grpo": ["algo.scale_rewards=false", "algo.loss_agg=seq-mean-token-sum-norm"],
+}
 ROWS, MICRO = 16, 2
 LENGTHS = [6, 1, 6, 1, 2, 5, 3, 4]
 
@@ -53,10 +58,20 @@ def build(algo: str, assets: dict, run_dir: Path):
 
     name = "grpo" if algo == "dr-grpo" else algo
     k = 1 if name in ("ppo", "reinforce") else 4
-    cfg = rl_config(name, assets, run_dir, "algo.reward.sources=[{_target_:lmforge.world.judge.ground_truth_reward}]",
-                    f"algo.rollout_batch_size={ROWS // k}", f"algo.samples_per_prompt={k}",
-                    f"algo.minibatch_size={ROWS}", f"algo.micro_batch_size={MICRO}", "algo.max_new_tokens=6",
-                    "algo.temperature=0.7", "algo.kl_coef=0.1", *ALGOS[algo])
+    cfg = rl_config(
+        name,
+        assets,
+        run_dir,
+        "algo.reward.sources=[{_target_:lmforge.world.judge.ground_truth_reward}]",
+        f"algo.rollout_batch_size={ROWS // k}",
+        f"algo.samples_per_prompt={k}",
+        f"algo.minibatch_size={ROWS}",
+        f"algo.micro_batch_size={MICRO}",
+        "algo.max_new_tokens=6",
+        "algo.temperature=0.7",
+        "algo.kl_coef=0.1",
+        *ALGOS[algo],
+    )
     module, dm = importlib.import_module(STAGES[name]).build(cfg, run_dir)
     module.reward = RewardFunction([(FirstTokenReward(set(range(4, cfg.model.vocab_size, 2))), 1.0)])
     cut_responses(module, LENGTHS)
@@ -97,8 +112,13 @@ def main(rank: int, world: int, port: int, out: str, policy: str, cache: str, tm
                 ddp(mb)[0].backward()
         tokens = torch.tensor([float(ro.response_mask[rows].sum())])
         dist.all_reduce(tokens)
-        result[algo] = {"reference": reference, "ddp": grads(module), "rank_tokens": float(ro.response_mask[rows].sum()),
-                        "tokens": float(tokens), "sequences": ro.sequences}
+        result[algo] = {
+            "reference": reference,
+            "ddp": grads(module),
+            "rank_tokens": float(ro.response_mask[rows].sum()),
+            "tokens": float(tokens),
+            "sequences": ro.sequences,
+        }
     torch.save(result, f"{out}.rank{rank}.pt")
     dist.destroy_process_group()
 

@@ -34,10 +34,26 @@ def free_port() -> int:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "RANK",
-                        "GROUP_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_PROCID",
-                        "SLURM_JOB_NAME", "PL_GLOBAL_SEED")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "MASTER_ADDR",
+            "MASTER_PORT",
+            "NODE_RANK",
+            "LOCAL_RANK",
+            "WORLD_SIZE",
+            "RANK",
+            "GROUP_RANK",
+            "LOCAL_WORLD_SIZE",
+            "TORCHELASTIC_RUN_ID",
+            "SLURM_NTASKS",
+            "SLURM_PROCID",
+            "SLURM_JOB_NAME",
+            "PL_GLOBAL_SEED",
+        )
+    }
     env.update({"WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}, **extra)
     return env
 
@@ -46,10 +62,12 @@ def train_cmd(*overrides: str) -> list[str]:
     return train_py_cmd(*overrides)
 
 
-def run_train(*overrides: str, timeout: int = 300, env: dict | None = None, cwd: Path = ROOT,
-              check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(train_cmd(*overrides), cwd=cwd, env=env or clean_env(), capture_output=True, text=True,
-                          timeout=timeout)
+def run_train(
+    *overrides: str, timeout: int = 300, env: dict | None = None, cwd: Path = ROOT, check: bool = True
+) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        train_cmd(*overrides), cwd=cwd, env=env or clean_env(), capture_output=True, text=True, timeout=timeout
+    )
     if check:
         assert proc.returncode == 0, failure_report(proc)
     return proc
@@ -61,8 +79,13 @@ def failure_report(proc: subprocess.CompletedProcess) -> str:
     output: each traceback is shown whole (the first 6000 characters of each), then the tails."""
     out = proc.stdout + proc.stderr
     tracebacks = [out[i : i + 6000] for i in _starts(out, "Traceback (most recent call last)")]
-    return ("\n".join(f"--- traceback {n + 1} of {len(tracebacks)} ---\n{t}" for n, t in enumerate(tracebacks))
-            + "\n--- stdout tail ---\n" + proc.stdout[-3000:] + "\n--- stderr tail ---\n" + proc.stderr[-3000:])
+    return (
+        "\n".join(f"--- traceback {n + 1} of {len(tracebacks)} ---\n{t}" for n, t in enumerate(tracebacks))
+        + "\n--- stdout tail ---\n"
+        + proc.stdout[-3000:]
+        + "\n--- stderr tail ---\n"
+        + proc.stderr[-3000:]
+    )
 
 
 def _starts(text: str, needle: str) -> list[int]:

@@ -18,8 +18,16 @@ WORKER = Path(__file__).with_name("_fsdp_generate_worker.py")
 
 def test_generation_gathers_once_per_unit(tmp_path):
     port, out = str(free_port()), str(tmp_path / "result")
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), "2", port, out], env=clean_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(r), "2", port, out],
+            env=clean_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     logs = [p.communicate(timeout=240)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
     for rank in (0, 1):

@@ -21,13 +21,20 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 WORKER = Path(__file__).with_name("_rl_ddp_update_worker.py")
 
 
-def test_an_rl_update_has_the_same_gradient_on_two_ranks_as_in_one_process(tmp_path, tmp_path_factory,
-                                                                           shared_cache):
+def test_an_rl_update_has_the_same_gradient_on_two_ranks_as_in_one_process(tmp_path, tmp_path_factory, shared_cache):
     assets = build_rl_assets(tmp_path_factory, shared_cache)
     port, out = str(free_port()), str(tmp_path / "result")
     args = [out, str(assets["policy"]), str(assets["cache"]), str(tmp_path)]
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), "2", port, *args], env=clean_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(r), "2", port, *args],
+            env=clean_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-4000:] for log in logs)
     results = [torch.load(f"{out}.rank{r}.pt", weights_only=True) for r in (0, 1)]

@@ -61,8 +61,14 @@ def reference(tmp_path_factory, dist_cache) -> Path:
 def fsdp_step3(tmp_path_factory, dist_cache, reference) -> Path:
     """Two FSDP ranks, 3 steps, the default consolidated checkpoint."""
     run = tmp_path_factory.mktemp("fsdp") / "run"
-    run_train(*common(dist_cache), "strategy=fsdp", *TWO_RANKS, "trainer.max_steps=3", "trainer.eval_every=1",
-              f"hydra.run.dir={run}")
+    run_train(
+        *common(dist_cache),
+        "strategy=fsdp",
+        *TWO_RANKS,
+        "trainer.max_steps=3",
+        "trainer.eval_every=1",
+        f"hydra.run.dir={run}",
+    )
     return run
 
 
@@ -118,15 +124,22 @@ def test_ddp_kill_and_resume_matches_one_process_under_ddp_and_fsdp(tmp_path, di
     """A DDP run stopped after 3 steps continues to STEPS from its checkpoint, under DDP and under
     FSDP, with the one-process run's loss curve and weights (to float tolerance)."""
     ddp3 = tmp_path / "ddp3"
-    run_train(*common(dist_cache), "strategy=ddp", *TWO_RANKS, "trainer.max_steps=3", "trainer.eval_every=1",
-              f"hydra.run.dir={ddp3}")
+    run_train(
+        *common(dist_cache),
+        "strategy=ddp",
+        *TWO_RANKS,
+        "trainer.max_steps=3",
+        "trainer.eval_every=1",
+        f"hydra.run.dir={ddp3}",
+    )
     assert load_checkpoint(ddp3 / "checkpoints" / "last.ckpt").raw["global_step"] == 3
     assert_same_curve(reference, ddp3, steps=range(0, 3))
     for strategy in ("ddp", "fsdp"):
         run = tmp_path / f"{strategy}-resumed"
         shutil.copytree(ddp3, run)
-        run_train(*common(dist_cache), f"strategy={strategy}", *TWO_RANKS, *EVERY_STEP, "resume=auto",
-                  f"hydra.run.dir={run}")
+        run_train(
+            *common(dist_cache), f"strategy={strategy}", *TWO_RANKS, *EVERY_STEP, "resume=auto", f"hydra.run.dir={run}"
+        )
         assert load_checkpoint(run / "checkpoints" / "last.ckpt").raw["global_step"] == STEPS
         assert_same_curve(reference, run, steps=range(3, STEPS))
         assert_same_weights(reference / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
@@ -136,8 +149,15 @@ def test_fsdp_consolidated_checkpoint_matches_sharded_one(tmp_path, dist_cache, 
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     run = tmp_path / "sharded"
-    run_train(*common(dist_cache), "strategy=fsdp", "strategy.save_distributed_checkpoint=true", *TWO_RANKS,
-              "trainer.max_steps=3", "trainer.eval_every=3", f"hydra.run.dir={run}")
+    run_train(
+        *common(dist_cache),
+        "strategy=fsdp",
+        "strategy.save_distributed_checkpoint=true",
+        *TWO_RANKS,
+        "trainer.max_steps=3",
+        "trainer.eval_every=3",
+        f"hydra.run.dir={run}",
+    )
     folder = run / "checkpoints" / "last.ckpt"
     assert folder.is_dir() and len(list(folder.glob("*.distcp"))) == 2  # one shard per rank
     dcp_to_torch_save(folder, tmp_path / "gathered.pt")
@@ -152,14 +172,28 @@ def test_two_nodes_on_loopback(tmp_path, dist_cache, reference):
     """Two processes started separately, as on two machines: NODE_RANK 0 and 1, one device each
     (FSDP, hybrid sharding: replicated across the "nodes")."""
     run = tmp_path / "run"
-    overrides = [*common(dist_cache), "strategy=fsdp", "strategy.sharding=hybrid", "trainer.num_nodes=2",
-                 "trainer.devices=1", "algo.batch_size=4", "algo.val_batches=2", "trainer.max_steps=2",
-                 "trainer.eval_every=2", f"hydra.run.dir={run}"]
+    overrides = [
+        *common(dist_cache),
+        "strategy=fsdp",
+        "strategy.sharding=hybrid",
+        "trainer.num_nodes=2",
+        "trainer.devices=1",
+        "algo.batch_size=4",
+        "algo.val_batches=2",
+        "trainer.max_steps=2",
+        "trainer.eval_every=2",
+        f"hydra.run.dir={run}",
+    ]
     port = str(free_port())
     procs = [
-        subprocess.Popen(train_cmd(*overrides), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, env=clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2",
-                                                  NODE_RANK=str(node)))
+        subprocess.Popen(
+            train_cmd(*overrides),
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2", NODE_RANK=str(node)),
+        )
         for node in (0, 1)
     ]
     outs = []
@@ -177,8 +211,17 @@ def test_two_nodes_on_loopback(tmp_path, dist_cache, reference):
 
 def test_multirun_sweep_with_ddp(tmp_path, dist_cache, reference):
     """`-m` with ddp: each job launches its own ranks, into its own folder of one sweep."""
-    run_train("-m", *common(dist_cache), "strategy=ddp", *TWO_RANKS, "trainer.max_steps=1", "trainer.eval_every=1",
-              "algo.optim.lr=1e-3,2e-3", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    run_train(
+        "-m",
+        *common(dist_cache),
+        "strategy=ddp",
+        *TWO_RANKS,
+        "trainer.max_steps=1",
+        "trainer.eval_every=1",
+        "algo.optim.lr=1e-3,2e-3",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=tmp_path,
+    )
     jobs = sorted(p.parent for p in tmp_path.rglob("metrics.csv"))
     assert [j.relative_to(tmp_path).parts[-2:] for j in jobs] == [("0", "csv"), ("1", "csv")], jobs
     for job, lr in zip(jobs, (1e-3, 2e-3)):

@@ -29,8 +29,16 @@ def reward_ckpt(tmp_path_factory, shared_cache) -> str:
     """A reward model trained for a few steps from scratch (no init_from: the data's tokenizer)."""
     run = tmp_path_factory.mktemp("rm")
     cfg = compose_config(
-        [*SMOKE, "trainer.max_steps=4", "trainer.eval_every=2", "algo.batch_size=8", "algo.val_batches=2",
-         "data.n_pairs=128", "data.n_eval=16", f"data.cache_dir={shared_cache}"],
+        [
+            *SMOKE,
+            "trainer.max_steps=4",
+            "trainer.eval_every=2",
+            "algo.batch_size=8",
+            "algo.val_batches=2",
+            "data.n_pairs=128",
+            "data.n_eval=16",
+            f"data.cache_dir={shared_cache}",
+        ],
         run_dir=run,
     )
     return train_main(cfg)["last_checkpoint"]
@@ -107,8 +115,10 @@ def test_custom_field_names_and_skipped_records(reward_ckpt, tmp_path):
 
 
 def test_batch_scores_match_single_scores(reward_ckpt, tmp_path):
-    records = [{"prompt": "What is 2 + 3?", "response": "5", "id": 1},
-               {"prompt": "Uppercase: lemon", "response": "I don't know. " * 3, "id": 2}]
+    records = [
+        {"prompt": "What is 2 + 3?", "response": "5", "id": 1},
+        {"prompt": "Uppercase: lemon", "response": "I don't know. " * 3, "id": 2},
+    ]
     path = write_jsonl(tmp_path / "responses.jsonl", records)
     out = main([f"ckpt={reward_ckpt}", f"input={path}", f"output={tmp_path / 'scores.jsonl'}"])
     assert out["n"] == 2 and out["output"] == str(tmp_path / "scores.jsonl")
@@ -123,8 +133,14 @@ def test_batch_scores_match_single_scores(reward_ckpt, tmp_path):
 def test_command_line(reward_ckpt, tmp_path):
     path = write_jsonl(tmp_path / "pairs.jsonl", held_out_pairs(4))
     env = {**os.environ, "WANDB_MODE": "offline"}
-    proc = subprocess.run([sys.executable, "-m", "lmforge.score", f"ckpt={reward_ckpt}", f"input={path}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmforge.score", f"ckpt={reward_ckpt}", f"input={path}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["n"] == 4
 
@@ -145,6 +161,7 @@ def test_agreement_with_the_noiseless_judge_on_synthetic_pairs(reward_ckpt):
     cfg = load_checkpoint(reward_ckpt).meta["config"]["data"]
     pairs = synthetic_pairs(SimpleNamespace(**cfg), 40, "test", 0.0)
     assert all(p.chosen_score > p.rejected_score for p in pairs)  # chosen = the judge's choice
+
     def reward(prompt, response):  # one at a time, unpadded
         return scorer.rewards([encode_pair(scorer.tokenizer, prompt, response, scorer.seq_len).ids])[0]
 

@@ -58,14 +58,18 @@ class FakeSource:
         self.generated: list[str] = []
 
     def systems(self):
-        return ({"name": "1", "ckpt": "/x/one.ckpt", "ckpt_sha256": "1" * 64, "temperature": 0.7},
-                {"name": "2", "ckpt": "/x/two.ckpt", "ckpt_sha256": "2" * 64, "temperature": 1.2})
+        return (
+            {"name": "1", "ckpt": "/x/one.ckpt", "ckpt_sha256": "1" * 64, "temperature": 0.7},
+            {"name": "2", "ckpt": "/x/two.ckpt", "ckpt_sha256": "2" * 64, "temperature": 1.2},
+        )
 
     def generate(self, rendered_prompts, seed):
         self.calls += 1
         self.generated += rendered_prompts
-        return [(f" first answer to {p.splitlines()[0]}", f" second answer to {p.splitlines()[0]}")
-                for p in rendered_prompts]
+        return [
+            (f" first answer to {p.splitlines()[0]}", f" second answer to {p.splitlines()[0]}")
+            for p in rendered_prompts
+        ]
 
 
 def free_port() -> int:

@@ -66,7 +66,9 @@ def test_next_item_is_blind_and_generated_once(tmp_path):
     item = r.json()["item"]
     assert item["prompt"] == PROMPTS[0] and item["index"] == 0
     assert {item["response_a"], item["response_b"]} == {
-        " first answer to User: What is 2 + 3?", " second answer to User: What is 2 + 3?"}
+        " first answer to User: What is 2 + 3?",
+        " second answer to User: What is 2 + 3?",
+    }
     assert not any("system" in k for k in item)  # which system wrote which side is not shown
     assert r.json()["stats"] == {**r.json()["stats"], "labeled": 0, "remaining": len(PROMPTS), "total": len(PROMPTS)}
     # asked again (another annotator): the stored item, not a new generation
@@ -143,8 +145,12 @@ def test_invalid_fields_and_unknown_ids_write_nothing(tmp_path):
         assert r.status_code == status, body
         assert fragment in r.json()["error"], r.json()
     rating = {"client_id": cid(), "item_id": item["id"], "annotator": "alice", "side": "a", "thumb": "up"}
-    for body, status in (({**rating, "side": "c"}, 422), ({**rating, "thumb": "sideways"}, 422),
-                         ({**rating, "thumb": 1}, 422), ({**rating, "item_id": "nope-nope-nope"}, 404)):
+    for body, status in (
+        ({**rating, "side": "c"}, 422),
+        ({**rating, "thumb": "sideways"}, 422),
+        ({**rating, "thumb": 1}, 422),
+        ({**rating, "item_id": "nope-nope-nope"}, 404),
+    ):
         assert client.post("/api/ratings", json=body).status_code == status
     assert client.get("/api/items/nope-nope-nope", params={"annotator": "alice"}).status_code == 404
     assert "unknown item_id" in client.get("/api/next", params={"annotator": "alice", "after": "nope"}).json()["error"]
@@ -164,8 +170,10 @@ def test_ratings_are_events_and_the_latest_counts(tmp_path):
     assert client.post("/api/ratings", json=down).status_code == 201
     assert client.post("/api/ratings", json={**up, "client_id": cid(), "side": "b"}).status_code == 201
     got = client.get(f"/api/items/{item['id']}", params={"annotator": "alice"}).json()["item"]
-    assert got["ratings"] == {"a": {"thumb": "down", "comment": "wrong: 2 + 3 is 5"},
-                              "b": {"thumb": "up", "comment": None}}
+    assert got["ratings"] == {
+        "a": {"thumb": "down", "comment": "wrong: 2 + 3 is 5"},
+        "b": {"thumb": "up", "comment": None},
+    }
     assert got["judgment"] is None
     assert store.counts()["ratings"] == 3
     stats = client.get("/api/stats", params={"annotator": "alice"}).json()
@@ -227,7 +235,9 @@ def test_other_hosts_need_a_token_and_every_call_checks_it(tmp_path):
     assert client.get("/", params={"token": "wrong"}, follow_redirects=False).status_code == 401
     login = client.get("/", params={"token": token}, follow_redirects=False)
     assert login.status_code == 303 and login.headers["location"] == "/"
-    assert "httponly" in login.headers["set-cookie"].lower() and "samesite=strict" in login.headers["set-cookie"].lower()
+    assert (
+        "httponly" in login.headers["set-cookie"].lower() and "samesite=strict" in login.headers["set-cookie"].lower()
+    )
     # the cookie now rides along (TestClient keeps cookies): the page and the API work
     assert client.get("/").status_code == 200
     item = client.get("/api/next", params={"annotator": "alice"}).json()["item"]
@@ -257,6 +267,7 @@ def test_parallel_submissions_never_lose_or_duplicate(tmp_path):
     session.ensure(range(len(prompts)))
     app = create_app(session, annotator="alice")
     with ThreadServer(app) as server, ThreadPoolExecutor(16) as pool:
+
         def post(body):
             with httpx.Client(base_url=server.url, timeout=30) as c:
                 return c.post("/api/judgments", json=body).status_code
@@ -287,8 +298,10 @@ def test_parallel_submissions_never_lose_or_duplicate(tmp_path):
         assert codes.count(201) == len(jobs)
     con = sqlite3.connect(store.path)
     assert con.execute("SELECT COUNT(*) FROM judgments").fetchone()[0] == 1 + 1 + len(jobs)
-    dups = con.execute("SELECT COUNT(*) FROM (SELECT item_id, annotator FROM judgments"
-                       " GROUP BY item_id, annotator HAVING COUNT(*) > 1)").fetchone()[0]
+    dups = con.execute(
+        "SELECT COUNT(*) FROM (SELECT item_id, annotator FROM judgments"
+        " GROUP BY item_id, annotator HAVING COUNT(*) > 1)"
+    ).fetchone()[0]
     assert dups == 0
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

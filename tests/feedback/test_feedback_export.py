@@ -68,11 +68,13 @@ def test_default_export_rules(db):
         ("Reverse cat.", "cat", "tac", "judgment"),  # bob disagreed: both votes are pairs
     ]
     thumbs = sorted(got[3:])
-    assert thumbs == sorted([
-        ("What is 9 * 7?", "63", "61", "thumbs"),
-        ("What is 9 * 7?", "63", "62", "thumbs"),  # both bad = down-votes of both responses
-        ("What is 9 * 7?", "63", "64", "thumbs"),
-    ])
+    assert thumbs == sorted(
+        [
+            ("What is 9 * 7?", "63", "61", "thumbs"),
+            ("What is 9 * 7?", "63", "62", "thumbs"),  # both bad = down-votes of both responses
+            ("What is 9 * 7?", "63", "64", "thumbs"),
+        ]
+    )
     assert res.counts["excluded_tie"] == 1 and res.counts["excluded_both_bad"] == 1
     assert res.counts["skipped_empty_response"] == 1
     assert res.counts["pairs"] == 6
@@ -136,8 +138,9 @@ def test_round_trip_into_the_reward_loader(db, tmp_path, ckpts):  # noqa: F811
     tok = load_checkpoint(ckpts["lm"]).tokenizer
     splits = load_preference_splits(cfg.data, PreferenceBatching(4, 64, 2, 0), tok)
     assert splits.counts["train_pairs"] == 6 and splits.counts["skipped_records"] == 0
-    texts = {(i.rendered_prompt + i.response_a) for i in db.items()} | {(i.rendered_prompt + i.response_b)
-                                                                         for i in db.items()}
+    texts = {(i.rendered_prompt + i.response_a) for i in db.items()} | {
+        (i.rendered_prompt + i.response_b) for i in db.items()
+    }
     for enc in splits.train:
         for ids in (enc.chosen, enc.rejected):
             assert ids[-1] == tok.eos_id
@@ -175,15 +178,22 @@ def test_data_feedback_through_the_reward_datamodule(db, tmp_path, ckpts):  # no
     from lmforge.data.preference_data import is_val_prompt, read_feedback_pairs
     from lmforge.training.checkpoint import load_checkpoint
 
-    rendered = sorted({p.prompt for p in read_feedback_pairs(_reward_cfg("data=feedback", f"data.db={db.path}").data,
-                                                             BadRecords("error"))})
+    rendered = sorted(
+        {
+            p.prompt
+            for p in read_feedback_pairs(_reward_cfg("data=feedback", f"data.db={db.path}").data, BadRecords("error"))
+        }
+    )
     # a val_fraction that puts some prompts on each side (the split is by prompt hash)
-    fraction = next(f / 100 for f in range(1, 100)
-                    if 0 < sum(is_val_prompt(p, f / 100) for p in rendered) < len(rendered))
-    cfg = _reward_cfg("data=feedback", f"data.db={db.path}", f"data.val_fraction={fraction}",
-                      f"data.cache_dir={tmp_path}")
+    fraction = next(
+        f / 100 for f in range(1, 100) if 0 < sum(is_val_prompt(p, f / 100) for p in rendered) < len(rendered)
+    )
+    cfg = _reward_cfg(
+        "data=feedback", f"data.db={db.path}", f"data.val_fraction={fraction}", f"data.cache_dir={tmp_path}"
+    )
     splits = preference_data.load_preference_splits(
-        cfg.data, preference_data.PreferenceBatching(2, 64, 1, 0), load_checkpoint(ckpts["lm"]).tokenizer)
+        cfg.data, preference_data.PreferenceBatching(2, 64, 1, 0), load_checkpoint(ckpts["lm"]).tokenizer
+    )
     assert splits.counts["train_pairs"] + len(splits.val) >= 2
 
 

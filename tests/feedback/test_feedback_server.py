@@ -24,14 +24,32 @@ from lmforge.data.feedback_store import Store  # noqa: E402
 from lmforge.feedback.app import FeedbackSession, create_app  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 def start_server(ckpt: Path, prompts: Path, db: Path, port: int, log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "lmforge.feedback", "serve", f"ckpt={ckpt}", f"prompts={prompts}", f"db={db}",
-           f"port={port}", "max_new_tokens=8", "prefetch=2", "annotator=alice"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lmforge.feedback",
+        "serve",
+        f"ckpt={ckpt}",
+        f"prompts={prompts}",
+        f"db={db}",
+        f"port={port}",
+        "max_new_tokens=8",
+        "prefetch=2",
+        "annotator=alice",
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
     deadline = time.time() + 240
     while time.time() < deadline:
@@ -63,8 +81,12 @@ def test_sigkill_mid_session_loses_nothing_and_restart_continues(ckpts, tmp_path
             while not stop.is_set():
                 try:
                     item = c.get("/api/next", params={"annotator": "alice"}).json()["item"]
-                    body = {"client_id": uuid.uuid4().hex, "item_id": item["id"], "annotator": "alice",
-                            "choice": ["a", "b", "tie", "both_bad"][len(attempts) % 4]}
+                    body = {
+                        "client_id": uuid.uuid4().hex,
+                        "item_id": item["id"],
+                        "annotator": "alice",
+                        "choice": ["a", "b", "tie", "both_bad"][len(attempts) % 4],
+                    }
                     attempts.append(body)
                     if c.post("/api/judgments", json=body).status_code == 201:
                         acked.add(body["client_id"])
@@ -161,8 +183,10 @@ def test_label_with_the_keyboard_in_headless_chromium(tmp_path):
             session.close()
 
     con = sqlite3.connect(store.path)
-    rows = con.execute("SELECT j.item_id, j.annotator, j.choice, i.prompt, i.response_a FROM judgments j"
-                       " JOIN items i ON i.id = j.item_id").fetchall()
+    rows = con.execute(
+        "SELECT j.item_id, j.annotator, j.choice, i.prompt, i.response_a FROM judgments j"
+        " JOIN items i ON i.id = j.item_id"
+    ).fetchall()
     assert rows == [(first_id, "alice", "a", XSS_PROMPT, shown_a)]
     assert con.execute("SELECT side, thumb, annotator FROM ratings").fetchall() == [("b", -1, "alice")]
     if os.environ.get("LMFORGE_KEEP_BROWSER_DB"):

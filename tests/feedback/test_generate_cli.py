@@ -61,8 +61,9 @@ def test_single_prompt_streams_the_same_text_as_batch_sampling(lm, ckpts, capsys
     chunks: list[str] = []
     from lmforge.inference.language_model import make_generator
 
-    lm.stream(TEMPLATE.format(prompt="What is 2 + 3?"), SamplingSettings(12, 0.8, stop=()), chunks.append,
-              make_generator(3))
+    lm.stream(
+        TEMPLATE.format(prompt="What is 2 + 3?"), SamplingSettings(12, 0.8, stop=()), chunks.append, make_generator(3)
+    )
     assert "".join(chunks) == streamed.text and (len(chunks) > 1 or streamed.n_tokens <= 1)
 
 
@@ -70,8 +71,9 @@ def test_batch_mode_over_txt_and_jsonl_files(ckpts, tmp_path):  # noqa: F811
     txt = tmp_path / "prompts.txt"
     txt.write_text("What is 2 + 3?\n\nReverse the word cat.\n")
     out = tmp_path / "out.jsonl"
-    assert main([f"ckpt={ckpts['lm']}", f"prompts={txt}", f"out={out}", "max_new_tokens=6", "n=2",
-                 "temperature=0"]) == 4
+    assert (
+        main([f"ckpt={ckpts['lm']}", f"prompts={txt}", f"out={out}", "max_new_tokens=6", "n=2", "temperature=0"]) == 4
+    )
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["What is 2 + 3?"] * 2 + ["Reverse the word cat."] * 2
     assert rows[0]["response"] == rows[1]["response"]  # greedy
@@ -79,8 +81,16 @@ def test_batch_mode_over_txt_and_jsonl_files(ckpts, tmp_path):  # noqa: F811
     assert rows[0]["template"] == TEMPLATE and rows[0]["stage"] == "pretrain" and len(rows[0]["ckpt_sha256"]) == 64
     jl = tmp_path / "prompts.jsonl"
     jl.write_text(json.dumps({"question": "Name a color.", "id": 7}) + "\n" + json.dumps("Say hi.") + "\n")
-    main([f"ckpt={ckpts['lm']}", f"prompts={jl}", "prompt_field=question", f"out={out}", "max_new_tokens=4",
-          "template=Q: {prompt}\\nA:"])
+    main(
+        [
+            f"ckpt={ckpts['lm']}",
+            f"prompts={jl}",
+            "prompt_field=question",
+            f"out={out}",
+            "max_new_tokens=4",
+            "template=Q: {prompt}\\nA:",
+        ]
+    )
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert rows[0]["prompt"] == "Name a color." and rows[0]["id"] == 7 and rows[1]["prompt"] == "Say hi."
     assert rows[0]["template"] == "Q: {prompt}\nA:"
@@ -133,9 +143,13 @@ def test_reward_checkpoint_is_refused_with_a_message(ckpts, capsys):  # noqa: F8
 
 def test_command_line_mistakes(ckpts, capsys):  # noqa: F811
     ck = f"ckpt={ckpts['lm']}"
-    for argv, fragment in (([ck], "exactly one of"), ([ck, "prompt=x", "chat=true"], "exactly one of"),
-                           ([ck, "prompt=x", "temperature=-1"], "temperature"),
-                           ([ck, "prompt=x", "top_p=1.5"], "top_p"), (["prompt=x"], "ckpt=")):
+    for argv, fragment in (
+        ([ck], "exactly one of"),
+        ([ck, "prompt=x", "chat=true"], "exactly one of"),
+        ([ck, "prompt=x", "temperature=-1"], "temperature"),
+        ([ck, "prompt=x", "top_p=1.5"], "top_p"),
+        (["prompt=x"], "ckpt="),
+    ):
         with pytest.raises(UsageError, match=fragment):
             main(argv)
     assert run_cli(main, [ck, "prompt=x", "temprature=1"], "doc") == 2
@@ -144,8 +158,12 @@ def test_command_line_mistakes(ckpts, capsys):  # noqa: F811
 
 
 def test_free_text_options_are_taken_verbatim():
-    cfg = compose_cli("generate", ["ckpt=x", 'prompt=Hi, there: "quoted" {a} ${oops}', "template='Q: {prompt}'"],
-                      schema="generate_schema", free_text=("prompt", "template"))
+    cfg = compose_cli(
+        "generate",
+        ["ckpt=x", 'prompt=Hi, there: "quoted" {a} ${oops}', "template='Q: {prompt}'"],
+        schema="generate_schema",
+        free_text=("prompt", "template"),
+    )
     assert cfg.prompt == 'Hi, there: "quoted" {a} ${oops}'
     assert cfg.template == "Q: {prompt}"
 

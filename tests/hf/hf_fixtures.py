@@ -1,4 +1,5 @@
 """The session's tiny HF models (see hf_helpers.py), built once and shared by the tests."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -16,7 +16,8 @@ import torch
 VOCAB = 320  # model vocabulary; the test tokenizer has fewer tokens (a model may have spare rows)
 TOKENIZER_VOCAB = 300
 CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 MULTILINGUAL = (

@@ -120,8 +120,8 @@ def test_lmforge_model_exports_with_its_sentencepiece_tokenizer(tmp_path):
                       tie_embeddings=False)  # fmt: skip
     torch.manual_seed(0)
     lm = sharpen(CausalLM(cfg))
-    meta = {"format": 1, "stage": "sft", "model_config": cfg.__dict__,
-            "tokenizer": torch.frombuffer(bytearray(tok.proto()), dtype=torch.uint8), "config": {}, "lineage": {}}  # fmt: skip
+    meta = {"format": 1, "stage": "sft", "model_config": cfg.__dict__, "config": {}, "lineage": {},
+            "tokenizer": torch.frombuffer(bytearray(tok.proto()), dtype=torch.uint8)}  # fmt: skip
     torch.save(
         {"state_dict": {f"model.{k}": v for k, v in lm.state_dict().items()}, "lmforge": meta}, tmp_path / "sft.ckpt"
     )

@@ -121,7 +121,8 @@ def test_import_writes_the_chat_format_as_a_prompt_template_hydra_composes(bpe_d
     src.mkdir()
     write_files(src, {**bpe_tokenizer_files(), "config.json": json.dumps({
         "model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 320, "max_position_embeddings": 64})})  # fmt: skip
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 320,
+        "max_position_embeddings": 64})})  # fmt: skip
     written = import_to_dir(src, tmp_path / "out", weights=False)
     assert written["chat_config"].endswith("chat/chat-model.yaml")
     register_configs()

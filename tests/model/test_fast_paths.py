@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from lmforge.model import CausalLM, ModelConfig, generate
-from lmforge.model.transformer import KVCache, ModelConfigError
+from lmforge.model.kv_cache import KVCache
+from lmforge.model.transformer import ModelConfigError
 from lmforge.training.optim import OptimConfig, build_adamw
 
 CFG = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64, vocab_size=61, max_seq_len=48)
@@ -92,8 +93,12 @@ def test_static_cache_generation_matches_the_dynamic_cache():
     assert torch.equal(static.sequences, greedy.sequences)
     assert torch.equal(static.response_mask, greedy.response_mask)
     # Sampling too: the same generator draws the same tokens from the same distributions.
-    sampled = [generate(model, prompts, temperature=1.0, generator=torch.Generator().manual_seed(3),
-                        static_cache=s, **kwargs).sequences for s in (False, True)]
+    sampled = [
+        generate(
+            model, prompts, temperature=1.0, generator=torch.Generator().manual_seed(3), static_cache=s, **kwargs
+        ).sequences
+        for s in (False, True)
+    ]
     assert torch.equal(*sampled)
 
 

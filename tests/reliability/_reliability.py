@@ -14,7 +14,7 @@ from omegaconf import open_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
-from conftest import compose_config, train_py_cmd
+from conftest import compose_config, train_py_cmd  # noqa: E402  (tests/ on sys.path first)
 
 # A few seconds a run: nano model, 4 x 32-token micro-batches, a 1-batch validation, no samples,
 # every step logged and flushed (so a killed run's metrics are on disk up to the kill).
@@ -41,8 +41,14 @@ def tiny_cfg(run_dir: Path, cache: Path, *overrides: str):
 
 def subprocess_env() -> dict:
     # One thread: the same kernels (so the same bits) in every run, and fair to a shared machine.
-    return {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
+    return {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "HYDRA_FULL_ERROR": "1",
+    }
 
 
 def launch(run_dir: Path, cache: Path, *overrides: str) -> subprocess.Popen:
@@ -52,7 +58,10 @@ def launch(run_dir: Path, cache: Path, *overrides: str) -> subprocess.Popen:
     log = open(run_dir.parent / f"{run_dir.name}.log", "ab")  # noqa: SIM115 (the child writes it)
     return subprocess.Popen(
         train_py_cmd(*TINY, f"data.cache_dir={cache}", f"hydra.run.dir={run_dir}", *overrides),
-        cwd=run_dir.parent, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT,
+        cwd=run_dir.parent,
+        env=subprocess_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
 
 
@@ -96,8 +105,9 @@ def signal_at_steps(plan: list[tuple[subprocess.Popen, Path, int, int]], timeout
         for item in list(pending):
             proc, run_dir, step, sig = item
             if proc.poll() is not None:
-                raise AssertionError(f"{run_dir} ended (rc={proc.returncode}) before step {step}:\n"
-                                     + output_of(run_dir)[-3000:])
+                raise AssertionError(
+                    f"{run_dir} ended (rc={proc.returncode}) before step {step}:\n" + output_of(run_dir)[-3000:]
+                )
             seen = logged_step(run_dir)
             if seen >= step:
                 proc.send_signal(sig)
@@ -116,7 +126,7 @@ def finish(proc: subprocess.Popen, run_dir: Path, timeout: float = 400) -> int:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
-        raise AssertionError(f"{run_dir} did not finish in {timeout}s:\n" + output_of(run_dir)[-3000:])
+        raise AssertionError(f"{run_dir} did not finish in {timeout}s:\n" + output_of(run_dir)[-3000:]) from None
 
 
 def trained_run(tmp_path_factory, cache: Path, name: str = "trained", *overrides: str) -> Path:
@@ -175,7 +185,7 @@ class LightningLog:
             logger.setLevel(level)
 
 
-import pytest
+import pytest  # noqa: E402  (the fixtures below use it; the helpers above do not)
 
 
 @pytest.fixture

@@ -77,7 +77,8 @@ MUTATIONS: dict[str, Callable[[random.Random, bytes], bytes]] = {
     "truncated": lambda rng, line: line[: rng.randrange(1, len(line) - 1)],
     "nul_byte": lambda rng, line: insert(line, rng.randrange(len(line)), b"\x00"),
     "latin1": lambda rng, line: json.dumps({"text": "caf\u00e9 " + text(rng)}, ensure_ascii=False).encode(
-        "latin-1", errors="replace"),
+        "latin-1", errors="replace"
+    ),
     "utf16": lambda rng, line: json.dumps({"text": text(rng)}).encode("utf-16"),
     "random_bytes_line": lambda rng, line: b"#" + random_bytes(rng, rng.randint(1, 300)).replace(b"\n", b""),
     "wrong_type": lambda rng, line: json.dumps({"text": rng.choice(WRONG_TYPES)}).encode(),
@@ -117,7 +118,9 @@ def case_valid_odd(rng, where):
     line separators, NaN/inf elsewhere in the record, duplicate keys, moderate nesting."""
     lines = good_lines(rng, rng.randint(1, 6))
     extras = [
-        b"", b"   ", b"\t",
+        b"",
+        b"   ",
+        b"\t",
         json.dumps({"text": "a\u2028b\u2029c\u0085d"}, ensure_ascii=False).encode(),
         b'{"text": "dup", "text": "second wins"}',
         b'{"text": "n", "score": NaN, "big": 1e400}',
@@ -166,8 +169,10 @@ def build_cases() -> list[Case]:
     plan += [("jsonl-valid-odd", "jsonl", case_valid_odd, False)] * 12
     plan += [("jsonl-empty", "jsonl", case_empty, False)] * 6
     plan += [("text-files", "text", case_text_files, False)] * 40
-    return [Case(f"{i:03d}-{name}", kind, rng.getrandbits(32), make, exact)
-            for i, (name, kind, make, exact) in enumerate(plan)]
+    return [
+        Case(f"{i:03d}-{name}", kind, rng.getrandbits(32), make, exact)
+        for i, (name, kind, make, exact) in enumerate(plan)
+    ]
 
 
 CASES = build_cases()

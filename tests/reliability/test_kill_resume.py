@@ -47,8 +47,9 @@ def runs(tmp_path_factory, shared_cache):
     term_at = rng.randint(2, STEPS - 3)
     killed, termed = base / "killed", base / "termed"
     victims = {d: launch(d, shared_cache, *COMMON) for d in (killed, termed)}
-    sent = signal_at_steps([(victims[killed], killed, kill_at, signal.SIGKILL),
-                            (victims[termed], termed, term_at, signal.SIGTERM)])
+    sent = signal_at_steps(
+        [(victims[killed], killed, kill_at, signal.SIGKILL), (victims[termed], termed, term_at, signal.SIGTERM)]
+    )
     victims[killed].wait()
     term_rc = finish(victims[termed], termed)
 
@@ -69,9 +70,16 @@ def runs(tmp_path_factory, shared_cache):
         torch.set_num_threads(threads)
     rcs = {d.name: finish(p, d) for d, p in resumed.items()}
     return {
-        "ref": base / "reference", "killed": killed, "termed": termed, "kill_at": kill_at, "term_at": term_at,
-        "sent": {d.name: s for d, s in sent.items()}, "term_rc": term_rc, "term_ckpt": term_ckpt,
-        "before": before, "resume_rcs": rcs,
+        "ref": base / "reference",
+        "killed": killed,
+        "termed": termed,
+        "kill_at": kill_at,
+        "term_at": term_at,
+        "sent": {d.name: s for d, s in sent.items()},
+        "term_rc": term_rc,
+        "term_ckpt": term_ckpt,
+        "before": before,
+        "resume_rcs": rcs,
     }
 
 

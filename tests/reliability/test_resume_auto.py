@@ -25,8 +25,7 @@ from lmforge.training.checkpoint_io import newest_valid_checkpoint
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_wall_time_checkpoints_keep_the_last_k_and_go_through_the_atomic_writer(
-        tmp_path, shared_cache, monkeypatch):
+def test_wall_time_checkpoints_keep_the_last_k_and_go_through_the_atomic_writer(tmp_path, shared_cache, monkeypatch):
     written = []
     real = checkpoint_io.atomic_torch_save
 
@@ -38,19 +37,32 @@ def test_wall_time_checkpoints_keep_the_last_k_and_go_through_the_atomic_writer(
     run = tmp_path / "run"
     # No validation within the run (eval_every > max_steps): every save here is the wall-time one,
     # due after each step with so short an interval.
-    main(tiny_cfg(run, shared_cache, "trainer.max_steps=5", "trainer.eval_every=100",
-                  "trainer.checkpoint_every_minutes=1e-6", "trainer.keep_last=3"))
+    main(
+        tiny_cfg(
+            run,
+            shared_cache,
+            "trainer.max_steps=5",
+            "trainer.eval_every=100",
+            "trainer.checkpoint_every_minutes=1e-6",
+            "trainer.keep_last=3",
+        )
+    )
     assert written == [("last.ckpt", s) for s in range(1, 6)]
     ckpts = run / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == [
-        "last.ckpt", "step-0000003.ckpt", "step-0000004.ckpt", "step-0000005.ckpt"]
+        "last.ckpt",
+        "step-0000003.ckpt",
+        "step-0000004.ckpt",
+        "step-0000005.ckpt",
+    ]
     # A kept copy is a hard link to the last.ckpt of its time: no second write, no extra space.
     assert (ckpts / "step-0000005.ckpt").stat().st_ino == (ckpts / "last.ckpt").stat().st_ino
     assert load_checkpoint(ckpts / "step-0000004.ckpt").raw["global_step"] == 4
 
 
 def test_resume_auto_skips_a_corrupt_newest_checkpoint_and_keeps_the_lr_horizon(
-        tmp_path_factory, tmp_path, shared_cache):
+    tmp_path_factory, tmp_path, shared_cache
+):
     source = trained_run(tmp_path_factory, shared_cache)  # 6 steps, last.ckpt at step 6
     run = tmp_path / "run"
     shutil.copytree(source, run)

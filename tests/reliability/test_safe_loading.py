@@ -42,8 +42,17 @@ def malicious(tmp_path):
     marker = tmp_path / "pwned.txt"
     path = tmp_path / "run" / "checkpoints" / "last.ckpt"
     path.parent.mkdir(parents=True)
-    torch.save({"lmforge": {"stage": "pretrain"}, "state_dict": {"w": torch.zeros(2)}, "global_step": 9,
-                "loops": {}, "optimizer_states": [], "x": Payload(marker)}, path)
+    torch.save(
+        {
+            "lmforge": {"stage": "pretrain"},
+            "state_dict": {"w": torch.zeros(2)},
+            "global_step": 9,
+            "loops": {},
+            "optimizer_states": [],
+            "x": Payload(marker),
+        },
+        path,
+    )
     # The payload is live: an unsafe load would run it.
     torch.load(path, weights_only=False)
     assert marker.read_text() == "pwned"
@@ -109,7 +118,9 @@ def test_another_vocabulary_names_vocab_size_and_the_embedding(trained):
 
 def test_resume_refuses_another_shape_before_building_anything(trained, tmp_path):
     cfg = tiny_cfg(tmp_path / "run", tmp_path / "cache", f"resume={trained}", "model.n_layer=2")
-    with pytest.raises(CheckpointError, match=r"resume=.*different model shape:\n  model.n_layer: checkpoint 4 vs config 2"):
+    with pytest.raises(
+        CheckpointError, match=r"resume=.*different model shape:\n  model.n_layer: checkpoint 4 vs config 2"
+    ):
         prepare_resume(cfg, str(trained))
 
 

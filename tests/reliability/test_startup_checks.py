@@ -27,8 +27,10 @@ def files(tmp_path):
 
 
 CASES = [
-    (["model.d_model=130", "model.n_head=4"],
-     "model.d_model=130 is not divisible by model.n_head=4: pick d_model as a multiple of n_head"),
+    (
+        ["model.d_model=130", "model.n_head=4"],
+        "model.d_model=130 is not divisible by model.n_head=4: pick d_model as a multiple of n_head",
+    ),
     (["model=nano", "model.n_kv_head=3"], "model.n_head=4 is not divisible by model.n_kv_head=3"),
     (["algo.seq_len=4096"], "algo.seq_len=4096 exceeds model.max_seq_len=512: lower algo.seq_len or raise"),
     (["data=jsonl"], "data=jsonl needs data.path=<file.jsonl>: none given"),
@@ -36,12 +38,16 @@ CASES = [
     (["data=jsonl", "data.path=/nonexistent/x.jsonl"], "data.path=/nonexistent/x.jsonl: no such JSONL file"),
     (["data=jsonl", "data.path={dir}"], "is a directory; give the JSONL file itself"),
     (["data=text", "data.paths=[/nonexistent/*.txt]"], "data.paths: no file matches '/nonexistent/*.txt'"),
-    (["data.tokenizer.path=/nonexistent/tok.model"],
-     "data.tokenizer.path=/nonexistent/tok.model: no such sentencepiece model file"),
+    (
+        ["data.tokenizer.path=/nonexistent/tok.model"],
+        "data.tokenizer.path=/nonexistent/tok.model: no such sentencepiece model file",
+    ),
     (["algo=ppo"], "algo=ppo improves an existing language model: set init_from="),
     (["algo=rloo", "init_from={ckpt}"], "algo=rloo needs a reward source: set algo.reward.model="),
-    (["algo=grpo", "init_from={ckpt}", "algo.reward.model=/nonexistent/rm.ckpt"],
-     "algo.reward.model=/nonexistent/rm.ckpt: no such reward-model checkpoint"),
+    (
+        ["algo=grpo", "init_from={ckpt}", "algo.reward.model=/nonexistent/rm.ckpt"],
+        "algo.reward.model=/nonexistent/rm.ckpt: no such reward-model checkpoint",
+    ),
     (["trainer.keep_last=-1"], "trainer.keep_last=-1 must be >= 0"),
     (["trainer.max_bad_steps=0"], "trainer.max_bad_steps=0 must be >= 1"),
     (["trainer.checkpoint_every_minutes=0"], "trainer.checkpoint_every_minutes=0.0 must be positive"),
@@ -61,8 +67,11 @@ def test_global_batch_not_divisible_by_the_world_size(tmp_path):
     cfg = compose_config(["trainer.devices=4", "trainer.num_nodes=2"], run_dir=tmp_path / "run")
     with open_dict(cfg):  # no stage has the field yet: a plain algo config with it
         cfg.algo = OmegaConf.create({**OmegaConf.to_container(cfg.algo), "global_batch_size": 36})
-    with pytest.raises(ConfigError, match=r"algo.global_batch_size=36 is not divisible by the world size 8 "
-                                          r"\(trainer.devices=4 x trainer.num_nodes=2\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"algo.global_batch_size=36 is not divisible by the world size 8 "
+        r"\(trainer.devices=4 x trainer.num_nodes=2\)",
+    ):
         validate(cfg)
     cfg.algo.global_batch_size = 64
     validate(cfg)

@@ -31,7 +31,11 @@ def rl_assets(tmp_path_factory, shared_cache):
     return build_rl_assets(tmp_path_factory, shared_cache)
 
 
-PROMPTS = ["User: What is 7 + 12?\nAssistant:", "User: Uppercase: lemon\nAssistant:", "User: What comes after 3?\nAssistant:"]
+PROMPTS = [
+    "User: What is 7 + 12?\nAssistant:",
+    "User: Uppercase: lemon\nAssistant:",
+    "User: What comes after 3?\nAssistant:",
+]
 RESPONSES = [" 19", " lemon", " I think it is 4, or maybe 5."]
 
 
@@ -60,7 +64,7 @@ def rm_raw_scores(path: Path, tokenizer, prompts, responses) -> torch.Tensor:
     """The reward model's score read independently: prompt + response + EOS, one at a time."""
     ckpt = load_checkpoint(path)
     rm = ScalarModel(ckpt.model_config)
-    rm.load_state_dict({k[len("model."):]: v for k, v in ckpt.state_dict.items()})
+    rm.load_state_dict({k[len("model.") :]: v for k, v in ckpt.state_dict.items()})
     out = []
     with torch.no_grad():
         for p, r in zip(prompts, responses):
@@ -93,19 +97,24 @@ def test_reward_model_reads_the_policy_tokens_left_padded_like_the_text(rl_asset
     seq = torch.full((len(rows), width), tok.pad_id)
     mask = torch.zeros((len(rows), width), dtype=torch.bool)
     for i, r in enumerate(rows):
-        seq[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = True
+        seq[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = True
     from_tokens = source(ScoringBatch(PROMPTS, RESPONSES, sequences=seq, attention_mask=mask, tokenizer=tok))
     from_text = source(batch_of())  # right-padded re-encoding
     torch.testing.assert_close(from_tokens, from_text, atol=1e-4, rtol=0)
 
 
 def test_sources_combine_with_weights_and_report_each(rl_assets):
-    reward = build_reward({
-        "model": str(rl_assets["reward"]),
-        "sources": [{"_target_": "lmforge.world.judge.ground_truth_reward", "weight": 0.5, "name": "gt"},
-                    {"_target_": "test_rewards.length_reward", "weight": -0.1}],
-    }, tokenizer=rl_assets["tokenizer"])
+    reward = build_reward(
+        {
+            "model": str(rl_assets["reward"]),
+            "sources": [
+                {"_target_": "lmforge.world.judge.ground_truth_reward", "weight": 0.5, "name": "gt"},
+                {"_target_": "test_rewards.length_reward", "weight": -0.1},
+            ],
+        },
+        tokenizer=rl_assets["tokenizer"],
+    )
     total, parts = reward(batch_of())
     assert list(parts) == ["rm", "gt", "length_reward"]
     torch.testing.assert_close(total, parts["rm"] + 0.5 * parts["gt"] - 0.1 * parts["length_reward"])
@@ -119,8 +128,10 @@ def test_sources_combine_with_weights_and_report_each(rl_assets):
         ({"sources": [{"ckpt": "x.ckpt", "_target_": "a.b"}]}, "exactly one of"),
         ({"sources": [{"weight": 1.0}]}, "exactly one of"),
         ({"sources": [{"_target_": "lmforge.no_such_module.reward"}]}, "cannot import"),
-        ({"sources": [{"_target_": "test_rewards.length_reward"}, {"_target_": "test_rewards.length_reward"}]},
-         "unique"),
+        (
+            {"sources": [{"_target_": "test_rewards.length_reward"}, {"_target_": "test_rewards.length_reward"}]},
+            "unique",
+        ),
     ],
 )
 def test_unusable_reward_configs_are_refused(cfg, message):
@@ -136,8 +147,9 @@ def texts(prompts, responses):
     return responses
 
 
-@pytest.mark.parametrize("target, message", [("test_rewards.one_score", "returned 1 scores for 3"),
-                                             ("test_rewards.texts", "not numbers")])
+@pytest.mark.parametrize(
+    "target, message", [("test_rewards.one_score", "returned 1 scores for 3"), ("test_rewards.texts", "not numbers")]
+)
 def test_a_callable_must_return_one_number_per_response(target, message):
     reward = build_reward({"sources": [{"_target_": target}]})
     with pytest.raises(RewardConfigError, match=message):

@@ -242,8 +242,17 @@ def test_grpo_loss_honors_the_kl_estimator_and_the_aggregation():
     _, stats = grpo_loss(logp, logp.detach(), ref, adv, mask, kl_coef=0.1, kl_estimator="k2")
     k2 = [0.5 * math.log(2) ** 2, 0.5 * math.log(2) ** 2]
     assert stats["kl"].item() == pytest.approx((k2[0] + k2[1]) / 2 / 2)
-    loss, stats = grpo_loss(logp, logp.detach(), ref, adv, mask, kl_coef=0.1, kl_estimator="k2",
-                            agg="seq-mean-token-sum-norm", norm=LossNorm(const=4.0))
+    loss, stats = grpo_loss(
+        logp,
+        logp.detach(),
+        ref,
+        adv,
+        mask,
+        kl_coef=0.1,
+        kl_estimator="k2",
+        agg="seq-mean-token-sum-norm",
+        norm=LossNorm(const=4.0),
+    )
     assert stats["kl"].item() == pytest.approx((k2[0] + k2[1]) / 4 / 2)
     assert loss.item() == pytest.approx(0.1 * (k2[0] + k2[1]) / 4 / 2)
 

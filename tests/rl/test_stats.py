@@ -122,7 +122,7 @@ def test_distributed_reduce_matches_single_tensor():
     for r in run_ranks(lambda a, m, red: masked_mean(a, m, reduce=red), shards):
         torch.testing.assert_close(r, masked_mean(x, mask))
     for unbiased in (True, False):
-        for r in run_ranks(lambda a, m, red: masked_var(a, m, unbiased, reduce=red), shards):
+        for r in run_ranks(lambda a, m, red, unbiased=unbiased: masked_var(a, m, unbiased, reduce=red), shards):
             torch.testing.assert_close(r, masked_var(x, mask, unbiased))
     whitened = run_ranks(lambda a, m, red: masked_whiten(a, m, reduce=red), shards)
     torch.testing.assert_close(torch.cat(whitened), masked_whiten(x, mask))

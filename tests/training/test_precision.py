@@ -44,14 +44,14 @@ CLIP = 1e-3  # far below any real gradient norm, so every step is clipped and th
 @pytest.mark.parametrize(
     ("cuda", "cuda_bf16", "cpu_bf16", "accelerator", "expected"),
     [
-        (True, True, False, "auto", "bf16-mixed"),   # an Ampere-or-newer GPU
+        (True, True, False, "auto", "bf16-mixed"),  # an Ampere-or-newer GPU
         (True, True, False, "gpu", "bf16-mixed"),
-        (True, False, False, "auto", "32-true"),     # a GPU without bf16 (V100, T4)
-        (True, True, False, "cpu", "32-true"),       # a GPU machine told to train on its CPU
-        (True, False, True, "cpu", "bf16-mixed"),    # ... whose CPU has native bf16
+        (True, False, False, "auto", "32-true"),  # a GPU without bf16 (V100, T4)
+        (True, True, False, "cpu", "32-true"),  # a GPU machine told to train on its CPU
+        (True, False, True, "cpu", "bf16-mixed"),  # ... whose CPU has native bf16
         (False, False, True, "auto", "bf16-mixed"),  # a CPU with AVX512-BF16 / AMX
         (False, False, True, "cpu", "bf16-mixed"),
-        (False, False, False, "auto", "32-true"),    # an AVX2 CPU: bf16 would be emulated
+        (False, False, False, "auto", "32-true"),  # an AVX2 CPU: bf16 would be emulated
         (False, False, False, "cpu", "32-true"),
     ],
 )
@@ -148,10 +148,17 @@ def test_every_step_sees_gradients_clipped(tmp_path, precision, impl, manual):
     # A modest loss scale (the default 2**16 overflows this loss in fp16 and skips steps); large
     # enough that clipping the still-scaled gradients would leave norms 256x too big.
     scaler = torch.amp.GradScaler("cpu", init_scale=256.0) if precision == "16-mixed" else None
-    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                        plugins=[ClippingMixedPrecision(precision, "cpu", scaler=scaler)],
-                        gradient_clip_val=None if manual else CLIP)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        plugins=[ClippingMixedPrecision(precision, "cpu", scaler=scaler)],
+        gradient_clip_val=None if manual else CLIP,
+    )
     trainer.fit(model)
     assert model.norms == pytest.approx([CLIP] * 4, rel=1e-3), model.norms
     if scaler is not None:
@@ -183,11 +190,28 @@ def stage_config(stage: str, assets: dict, run_dir: Path, *overrides: str):
     pin = [*overrides, f"algo.optim.grad_clip={CLIP}"]
     if stage in ("ppo", "reinforce", "rloo", "grpo"):
         k = 2 if stage in ("rloo", "grpo") else 1
-        return rl_config(stage, assets, run_dir, f"algo.reward.model={assets['reward']}",
-                         f"algo.samples_per_prompt={k}", f"algo.rollout_batch_size={4 // k}", *pin)
-    common = ["model=nano", "logger=none", "trainer.progress_bar=none", "trainer.accelerator=cpu",
-              "data.n_docs=2000", f"data.cache_dir={assets['cache']}", "trainer.max_steps=2",
-              "trainer.eval_every=2", "trainer.log_every=1", "algo.batch_size=4", "algo.val_batches=1"]
+        return rl_config(
+            stage,
+            assets,
+            run_dir,
+            f"algo.reward.model={assets['reward']}",
+            f"algo.samples_per_prompt={k}",
+            f"algo.rollout_batch_size={4 // k}",
+            *pin,
+        )
+    common = [
+        "model=nano",
+        "logger=none",
+        "trainer.progress_bar=none",
+        "trainer.accelerator=cpu",
+        "data.n_docs=2000",
+        f"data.cache_dir={assets['cache']}",
+        "trainer.max_steps=2",
+        "trainer.eval_every=2",
+        "trainer.log_every=1",
+        "algo.batch_size=4",
+        "algo.val_batches=1",
+    ]
     extra = {
         "pretrain": ["algo.seq_len=32", "algo.n_samples=0"],
         "sft": [f"init_from={assets['policy']}", "data.n_sft=200", "algo.eval_prompts=4", "algo.max_new_tokens=4"],
@@ -230,8 +254,15 @@ def test_stage_trains_in_each_precision_with_each_adamw(monkeypatch, tmp_path, a
     assert losses and all(math.isfinite(v) for v in losses.values()), result["metrics"]
 
 
-@pytest.mark.parametrize(("stage", "switch"), [("pretrain", "algo.loss_chunk=64"), ("sft", "algo.loss_chunk=64"),
-                                               ("ppo", "algo.static_cache=true"), ("grpo", "algo.static_cache=true")])
+@pytest.mark.parametrize(
+    ("stage", "switch"),
+    [
+        ("pretrain", "algo.loss_chunk=64"),
+        ("sft", "algo.loss_chunk=64"),
+        ("ppo", "algo.static_cache=true"),
+        ("grpo", "algo.static_cache=true"),
+    ],
+)
 def test_fast_paths_train_in_bf16_mixed(monkeypatch, tmp_path, assets, stage, switch):
     """The chunked LM-head loss and the static-shape KV cache (rollouts under autocast) in bf16."""
     cfg = stage_config(stage, assets, tmp_path / "run", "trainer.precision=bf16-mixed", "algo.optim.impl=fused", switch)
@@ -245,8 +276,7 @@ def test_fast_paths_train_in_bf16_mixed(monkeypatch, tmp_path, assets, stage, sw
 
 def small_lm() -> CausalLM:
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=61, d_model=32, n_layer=2, n_head=4, n_kv_head=2, max_seq_len=32,
-                      d_ff=64)
+    cfg = ModelConfig(vocab_size=61, d_model=32, n_layer=2, n_head=4, n_kv_head=2, max_seq_len=32, d_ff=64)
     return CausalLM(cfg).eval()
 
 
@@ -257,7 +287,9 @@ def test_generation_with_the_cache_in_each_precision(mode, static):
     if mode == "bf16-weights":
         model = model.to(torch.bfloat16)
     prompts = [[5, 17, 3, 9], [12, 2]]
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if mode == "bf16-autocast" else torch.autocast("cpu", enabled=False)
+    ctx = (
+        torch.autocast("cpu", dtype=torch.bfloat16) if mode == "bf16-autocast" else torch.autocast("cpu", enabled=False)
+    )
     caches: list[KVCache] = []
     allocate = KVCache.allocate
 
@@ -268,8 +300,7 @@ def test_generation_with_the_cache_in_each_precision(mode, static):
     with ctx, pytest.MonkeyPatch.context() as mp:
         mp.setattr(KVCache, "allocate", keep)
         cached = generate(model, prompts, max_new_tokens=8, eos_id=60, pad_id=0, temperature=0.0, static_cache=static)
-        recomputed = generate(model, prompts, max_new_tokens=8, eos_id=60, pad_id=0, temperature=0.0,
-                              use_cache=False)
+        recomputed = generate(model, prompts, max_new_tokens=8, eos_id=60, pad_id=0, temperature=0.0, use_cache=False)
     # The cache holds what attention computes with: bf16 under autocast and with bf16 weights.
     expected = torch.float32 if mode == "fp32" else torch.bfloat16
     assert [caches[0].dtype(layer) for layer in range(2)] == [expected, expected]

@@ -21,11 +21,26 @@ from lmforge.training import wandb_tracking
 from lmforge.training.checkpoint import load_checkpoint
 
 # A nano model on 2 x 16-token batches: each step is a few milliseconds of compute.
-TINY = ["experiment=smoke", "model=nano", "logger=[wandb,csv,tensorboard]", "trainer.progress_bar=plain",
-        "trainer.accelerator=cpu", "algo.batch_size=2", "algo.seq_len=16", "algo.val_batches=1",
-        "algo.n_samples=2", "algo.sample_tokens=4", "trainer.log_every=1", "trainer.eval_every=2",
-        "logger.csv.flush_logs_every_n_steps=1", "logger.wandb.log_model=true", "logger.wandb.max_table_rows=3",
-        "algo.optim.warmup_steps=1", "algo.optim.decay_steps=6", "experiment_name=tracking-test"]
+TINY = [
+    "experiment=smoke",
+    "model=nano",
+    "logger=[wandb,csv,tensorboard]",
+    "trainer.progress_bar=plain",
+    "trainer.accelerator=cpu",
+    "algo.batch_size=2",
+    "algo.seq_len=16",
+    "algo.val_batches=1",
+    "algo.n_samples=2",
+    "algo.sample_tokens=4",
+    "trainer.log_every=1",
+    "trainer.eval_every=2",
+    "logger.csv.flush_logs_every_n_steps=1",
+    "logger.wandb.log_model=true",
+    "logger.wandb.max_table_rows=3",
+    "algo.optim.warmup_steps=1",
+    "algo.optim.decay_steps=6",
+    "experiment_name=tracking-test",
+]
 
 
 class Lines(logging.Handler):
@@ -59,12 +74,25 @@ def runs(tmp_path_factory, shared_cache):
             ckpt_first = load_checkpoint(base / "a" / "checkpoints" / "last.ckpt")
             second = run(base / "a", shared_cache, "trainer.max_steps=6", "resume=auto")
             # A next stage from that checkpoint: its artifact records where it started.
-            child = run(base / "b", shared_cache, "trainer.max_steps=2", f"init_from={first['last_checkpoint']}",
-                        "logger=wandb", "algo.n_samples=0")
+            child = run(
+                base / "b",
+                shared_cache,
+                "trainer.max_steps=2",
+                f"init_from={first['last_checkpoint']}",
+                "logger=wandb",
+                "algo.n_samples=0",
+            )
         finally:
             ours.removeHandler(lines)
-    return {"base": base, "dir": base / "a", "first": first, "second": second, "child": child,
-            "ckpt_first": ckpt_first, "lines": lines.lines}
+    return {
+        "base": base,
+        "dir": base / "a",
+        "first": first,
+        "second": second,
+        "child": child,
+        "ckpt_first": ckpt_first,
+        "lines": lines.lines,
+    }
 
 
 def wandb_files(run_dir: Path) -> list[wandb_tracking.WandbRunFile]:
@@ -82,8 +110,7 @@ def test_wandb_run_identity_and_config(runs):
     assert first.run["group"] == "tracking-test" and first.run["job_type"] == "pretrain"
     assert {"model:nano", "algo:pretrain", "experiment:smoke"} <= set(first.run["tags"])
     # The full resolved config ...
-    resolved = OmegaConf.to_container(compose_config([*TINY, "trainer.max_steps=4"], run_dir=runs["dir"]),
-                                      resolve=True)
+    resolved = OmegaConf.to_container(compose_config([*TINY, "trainer.max_steps=4"], run_dir=runs["dir"]), resolve=True)
     for key in ("model", "algo", "trainer", "strategy"):
         assert first.config[key] == resolved[key], key
     assert first.config["data"]["n_docs"] == resolved["data"]["n_docs"]
@@ -143,8 +170,13 @@ def test_same_metric_names_in_every_logger(runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     not_metrics = {"epoch", "step", "trainer/global_step"}
-    w = {k for f in wandb_files(runs["dir"]) for h in f.history for k in h
-         if not k.startswith("_") and not k.startswith("samples") and k not in not_metrics}
+    w = {
+        k
+        for f in wandb_files(runs["dir"])
+        for h in f.history
+        for k in h
+        if not k.startswith("_") and not k.startswith("samples") and k not in not_metrics
+    }
     c = set(csv_rows(runs["dir"])[0].keys()) - not_metrics
     ea = EventAccumulator(str(runs["dir"] / "tensorboard"))
     ea.Reload()
@@ -170,8 +202,11 @@ def test_report_from_a_real_run(runs, tmp_path, capsys):
     last: dict[str, str] = {}
     for r in csv_rows(runs["dir"]):
         last.update({k: v for k, v in r.items() if v and k not in ("epoch", "step")})
-    table = {ln.split("|")[1].strip(): ln.split("|")[2].strip() for ln in text.splitlines()
-             if ln.startswith("| ") and not ln.startswith("| metric")}
+    table = {
+        ln.split("|")[1].strip(): ln.split("|")[2].strip()
+        for ln in text.splitlines()
+        if ln.startswith("| ") and not ln.startswith("| metric")
+    }
     for k in ("train/loss", "val/loss", "val/bpb", "train/lr"):
         assert float(table[k].split()[0]) == pytest.approx(float(last[k]), rel=1e-5), k
     assert "model=nano" in text and "checkpoints/last.ckpt" in text and "(2 attempts)" in text

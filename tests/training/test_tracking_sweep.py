@@ -17,14 +17,33 @@ from lmforge.training import wandb_tracking
 @pytest.mark.slow
 def test_multirun_sweep_one_wandb_run_per_job_grouped_and_quiet(tmp_path, shared_cache):
     sweep = tmp_path / "sweep"
-    cmd = train_py_cmd("-m", "experiment=smoke", "model=nano", "logger=wandb",
-           "hydra/job_logging=lmforge", "trainer.accelerator=cpu", "algo.batch_size=2", "algo.seq_len=16",
-           "algo.val_batches=1", "algo.n_samples=0", "trainer.max_steps=2", "trainer.eval_every=2",
-           "trainer.log_every=1", f"data.cache_dir={shared_cache}", f"hydra.sweep.dir={sweep}",
-           "algo.optim.lr=0.0001,0.0003")
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
-           "WANDB_DATA_DIR": str(tmp_path / "wd"), "WANDB_CACHE_DIR": str(tmp_path / "wc"),
-           "WANDB_CONFIG_DIR": str(tmp_path / "wcfg")}
+    cmd = train_py_cmd(
+        "-m",
+        "experiment=smoke",
+        "model=nano",
+        "logger=wandb",
+        "hydra/job_logging=lmforge",
+        "trainer.accelerator=cpu",
+        "algo.batch_size=2",
+        "algo.seq_len=16",
+        "algo.val_batches=1",
+        "algo.n_samples=0",
+        "trainer.max_steps=2",
+        "trainer.eval_every=2",
+        "trainer.log_every=1",
+        f"data.cache_dir={shared_cache}",
+        f"hydra.sweep.dir={sweep}",
+        "algo.optim.lr=0.0001,0.0003",
+    )
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+        "WANDB_DATA_DIR": str(tmp_path / "wd"),
+        "WANDB_CACHE_DIR": str(tmp_path / "wc"),
+        "WANDB_CONFIG_DIR": str(tmp_path / "wcfg"),
+    }
     env.pop("CI", None)
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr

@@ -74,8 +74,9 @@ class FakeRun:
 
 
 def fake_wandb_logger(tmp_path, **kw) -> tuple[wandb_tracking.LmforgeWandbLogger, FakeRun]:
-    lg = wandb_tracking.LmforgeWandbLogger(name="n", project="p", save_dir=str(tmp_path), mode="offline", id="abc",
-                                           **kw)
+    lg = wandb_tracking.LmforgeWandbLogger(
+        name="n", project="p", save_dir=str(tmp_path), mode="offline", id="abc", **kw
+    )
     lg._experiment = run = FakeRun()
     return lg, run
 
@@ -88,8 +89,11 @@ def test_step_axis_continues_never_repeats_or_goes_back(tmp_path):
     lg.log_metrics({"a": 2.0}, step=6)
     lg.log_metrics({"b": 3.0}, step=6)  # same step: the same row
     lg.log_metrics({"c": 4.0}, step=5)  # late: kept on the current row, not dropped by W&B
-    assert run.calls == [(6, {"a": 2.0, "trainer/global_step": 6}), (6, {"b": 3.0, "trainer/global_step": 6}),
-                         (6, {"c": 4.0})]
+    assert run.calls == [
+        (6, {"a": 2.0, "trainer/global_step": 6}),
+        (6, {"b": 3.0, "trainer/global_step": 6}),
+        (6, {"c": 4.0}),
+    ]
     assert lg.tracking_state()["step"] == 6 and lg.tracking_state()["id"] == "abc"
 
 
@@ -127,8 +131,14 @@ def test_csv_resume_keeps_rows_before_the_checkpoint(tmp_path):
 
 def test_resume_state_is_read_from_the_checkpoint(tmp_path):
     p = tmp_path / "x.ckpt"
-    torch.save({"global_step": 7, "state_dict": {"w": torch.zeros(3)},
-                wandb_tracking.CHECKPOINT_KEY: {"id": "run123", "name": "n", "group": "g", "step": 6}}, p)
+    torch.save(
+        {
+            "global_step": 7,
+            "state_dict": {"w": torch.zeros(3)},
+            wandb_tracking.CHECKPOINT_KEY: {"id": "run123", "name": "n", "group": "g", "step": 6},
+        },
+        p,
+    )
     st = wandb_tracking.read_resume_state(p)
     assert st.global_step == 7 and st.wandb["group"] == "g"
     assert wandb_tracking.wandb_id_from_checkpoint(p) == "run123"
@@ -142,8 +152,11 @@ def test_logger_lists_compose(tmp_path):
     # logger=wandb keeps csv/metrics.csv too (for lmforge.report); ~logger.csv drops it.
     assert set(compose_config(["logger=wandb"], run_dir=tmp_path).logger) == {"wandb", "csv"}
     assert set(compose_config(["logger=wandb", "~logger.csv"], run_dir=tmp_path).logger) == {"wandb"}
-    assert set(compose_config(["logger=[wandb,tensorboard]"], run_dir=tmp_path).logger) == {"wandb", "csv",
-                                                                                             "tensorboard"}
+    assert set(compose_config(["logger=[wandb,tensorboard]"], run_dir=tmp_path).logger) == {
+        "wandb",
+        "csv",
+        "tensorboard",
+    }
 
 
 def test_progress_modes(monkeypatch):
@@ -163,8 +176,13 @@ def test_console_quiets_libraries_keeps_ours():
     assert logging.getLogger("lightning.pytorch").getEffectiveLevel() == logging.WARNING
     assert logging.getLogger("lmforge.run").isEnabledFor(logging.INFO)
     with warnings.catch_warnings(record=True) as seen:
-        warnings.warn_explicit("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning,
-                               "_pytree.py", 21, module="lightning.pytorch.utilities._pytree")
+        warnings.warn_explicit(
+            "`isinstance(treespec, LeafSpec)` is deprecated, use ...",
+            FutureWarning,
+            "_pytree.py",
+            21,
+            module="lightning.pytorch.utilities._pytree",
+        )
         warnings.warn_explicit("something else", FutureWarning, "x.py", 1, module="lightning.pytorch.x")
     assert [str(w.message) for w in seen] == ["something else"]
     fmt = console.ConsoleFormatter()
@@ -178,14 +196,30 @@ def fake_rl_run(d: Path, lr: str, scale: float) -> None:
     (d / "csv").mkdir(parents=True)
     (d / ".hydra").mkdir()
     (d / ".hydra" / "overrides.yaml").write_text(f"- algo=ppo\n- algo.optim.lr={lr}\n")
-    keys = ["epoch", "step", "rollout/reward_mean", "rollout/gt_score", "rollout/kl", "rollout/response_len",
-            "val/gt_score", "val/loss"]
+    keys = [
+        "epoch",
+        "step",
+        "rollout/reward_mean",
+        "rollout/gt_score",
+        "rollout/kl",
+        "rollout/response_len",
+        "val/gt_score",
+        "val/loss",
+    ]
     with open(d / "csv" / "metrics.csv", "w", newline="") as f:
         w = csv.DictWriter(f, keys)
         w.writeheader()
         for s in range(6):
-            w.writerow({"epoch": 0, "step": s, "rollout/reward_mean": scale * s, "rollout/gt_score": 0.1 * s,
-                        "rollout/kl": 0.01 * s, "rollout/response_len": 6})
+            w.writerow(
+                {
+                    "epoch": 0,
+                    "step": s,
+                    "rollout/reward_mean": scale * s,
+                    "rollout/gt_score": 0.1 * s,
+                    "rollout/kl": 0.01 * s,
+                    "rollout/response_len": 6,
+                }
+            )
             if s % 3 == 2:
                 w.writerow({"epoch": 0, "step": s, "val/gt_score": 0.2 * s, "val/loss": -0.2 * s})
 

@@ -104,8 +104,9 @@ class PolicyGradientModule(RLStageModule):
             loss = policy_gradient_loss(logp, mb["advantages"], m, algo.loss_agg, norm)
             stats = ratio_stats(logp, mb["old_logprobs"], m, norm)
         else:
-            loss, stats = ppo_policy_loss(logp, mb["old_logprobs"], mb["advantages"], m, algo.clip_eps,
-                                          algo.loss_agg, norm)
+            loss, stats = ppo_policy_loss(
+                logp, mb["old_logprobs"], mb["advantages"], m, algo.clip_eps, algo.loss_agg, norm
+            )
         return loss, {"policy_loss": loss.detach(), **stats}
 
 
@@ -167,9 +168,18 @@ class GRPOModule(PolicyGradientModule):
     def loss(self, mb: dict) -> tuple[Tensor, dict[str, Tensor]]:
         algo = self.cfg.algo
         logp = self.new_logprobs(mb)
-        loss, stats = grpo_loss(logp, mb["old_logprobs"], mb["ref_logprobs"], mb["advantages"],
-                                mb["response_mask"], algo.clip_eps, self.kl_ctl.value, algo.kl_estimator,
-                                algo.loss_agg, self.norm_of(mb))
+        loss, stats = grpo_loss(
+            logp,
+            mb["old_logprobs"],
+            mb["ref_logprobs"],
+            mb["advantages"],
+            mb["response_mask"],
+            algo.clip_eps,
+            self.kl_ctl.value,
+            algo.kl_estimator,
+            algo.loss_agg,
+            self.norm_of(mb),
+        )
         return loss, {"policy_loss": loss.detach(), **stats}
 
 
@@ -185,8 +195,10 @@ def build(cfg, run_dir):
     if algo.name == "grpo" and algo.clip_eps is None:
         raise ConfigError("algo.clip_eps must be a number for GRPO (0.2 is standard)")
     if algo.name == "grpo" and algo.kl_estimator == "k1":
-        raise ConfigError("algo.kl_estimator=k1 as GRPO's KL loss term has an expected gradient of 0 (it would not "
-                          "hold the policy near the reference): use algo.kl_estimator=k3 (the paper) or k2")
+        raise ConfigError(
+            "algo.kl_estimator=k1 as GRPO's KL loss term has an expected gradient of 0 (it would not "
+            "hold the policy near the reference): use algo.kl_estimator=k3 (the paper) or k2"
+        )
     if algo.name == "reinforce" and not 0.0 <= algo.baseline_momentum < 1.0:
         raise ConfigError(f"algo.baseline_momentum={algo.baseline_momentum} must be in [0, 1)")
     return build_rl_stage(cfg, run_dir, MODULES[algo.name])

@@ -33,9 +33,9 @@ rank and iteration.
 Steps: one trainer step = one iteration of ppo_epochs * (rows / minibatch_size) optimizer
 updates; trainer.max_steps counts iterations (see rl_update.py).
 
-The checkpoint is the policy (`model.*`, a CausalLM, loadable as init_from of another RL run, by the sampler and by the HF exporter)
-plus the critic (`critic.*` or `value_head.*`, for resuming); lineage records the SFT, reward
-and critic checkpoints it came from.
+The checkpoint is the policy (`model.*`, a CausalLM, loadable as init_from of another RL run, by the
+sampler and by the HF exporter) plus the critic (`critic.*` or `value_head.*`, for resuming); lineage
+records the SFT, reward and critic checkpoints it came from.
 """
 
 from __future__ import annotations
@@ -121,13 +121,16 @@ class PPOModule(RLStageModule):
                 critic.head.weight.copy_(weight)
                 critic.head.bias.copy_(bias)
         else:
-            load_matching(critic.backbone, submodule_state(ckpt.state_dict, "model.backbone"),
-                          f"algo.critic_from={path}")
+            load_matching(
+                critic.backbone, submodule_state(ckpt.state_dict, "model.backbone"), f"algo.critic_from={path}"
+            )
             nn.init.zeros_(critic.head.weight)
             nn.init.zeros_(critic.head.bias)
         if ckpt.tokenizer.proto() != self.tokenizer.proto():
-            raise CheckpointError(f"algo.critic_from={path} uses a different tokenizer than the policy; the critic "
-                                  "reads the policy's tokens: use a critic of the same lineage, or algo.critic=policy_head")
+            raise CheckpointError(
+                f"algo.critic_from={path} uses a different tokenizer than the policy; the critic "
+                "reads the policy's tokens: use a critic of the same lineage, or algo.critic=policy_head"
+            )
         self.critic = critic
         self.lineage["critic_from"] = str(path)
 
@@ -137,14 +140,16 @@ class PPOModule(RLStageModule):
         for rm in self.reward.reward_models:
             if rm.path == str(path):
                 return rm
-        return RewardModelSource(path, tokenizer=self.tokenizer, normalize=bool(ckpt.meta.get("reward_stats")),
-                                 name="critic")
+        return RewardModelSource(
+            path, tokenizer=self.tokenizer, normalize=bool(ckpt.meta.get("reward_stats")), name="critic"
+        )
 
     # -- networks ------------------------------------------------------------------------------
     def policy_forward(self, sequences, attention_mask, prompt_len, values: bool = True):
         if self.value_head is not None:
-            return response_logits(self.model, sequences, attention_mask, prompt_len,
-                                   self.value_head if values else None)
+            return response_logits(
+                self.model, sequences, attention_mask, prompt_len, self.value_head if values else None
+            )
         logits, _ = response_logits(self.model, sequences, attention_mask, prompt_len)
         v = None
         if values:
@@ -177,8 +182,9 @@ class PPOModule(RLStageModule):
         logits, values = self.policy_forward(mb["sequences"], mb["attention_mask"], P)
         logits = self.tempered(logits)  # the sampling distribution (rollout.py: tempered)
         logp = logprobs_from_logits(logits, mb["sequences"][:, P:])
-        pg, pg_stats = ppo_policy_loss(logp, mb["old_logprobs"], mb["advantages"], m, algo.clip_eps,
-                                       algo.loss_agg, norm)
+        pg, pg_stats = ppo_policy_loss(
+            logp, mb["old_logprobs"], mb["advantages"], m, algo.clip_eps, algo.loss_agg, norm
+        )
         vf, vf_stats = value_loss(values, mb["old_values"], mb["returns"], m, algo.vf_clip_eps, norm)
         loss = pg + algo.vf_coef * vf
         stats = {"policy_loss": pg.detach(), "value_loss": vf.detach(), **pg_stats, **vf_stats}

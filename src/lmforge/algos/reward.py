@@ -90,9 +90,7 @@ class RewardModule(StageModule):
         rewards = self(batch["input_ids"], batch["attention_mask"])
         r_chosen, r_rejected = rewards.chunk(2)  # rows [0, B) chosen, [B, 2B) rejected
         algo = self.cfg.algo
-        loss, stats = bradley_terry_loss(
-            r_chosen, r_rejected, margin=algo.margin or None, center_coef=algo.center_coef
-        )
+        loss, stats = bradley_terry_loss(r_chosen, r_rejected, margin=algo.margin or None, center_coef=algo.center_coef)
         return loss, stats, rewards
 
     def _log_pair_stats(self, split: str, loss, stats, n_pairs: int) -> None:
@@ -147,9 +145,16 @@ class RewardModule(StageModule):
         ids, mask = batch["input_ids"], batch["attention_mask"].bool()
         half = ids.shape[0] // 2  # rows [0, half) chosen, [half, 2 half) rejected
         text = lambda i: self.tokenizer.decode(ids[i][mask[i]].tolist())  # noqa: E731
-        return [{"step": self.global_step, "chosen": text(i), "rejected": text(half + i),
-                 "reward_chosen": round(float(rewards[i]), 4), "reward_rejected": round(float(rewards[half + i]), 4)}
-                for i in range(min(n, half))]
+        return [
+            {
+                "step": self.global_step,
+                "chosen": text(i),
+                "rejected": text(half + i),
+                "reward_chosen": round(float(rewards[i]), 4),
+                "reward_rejected": round(float(rewards[half + i]), 4),
+            }
+            for i in range(min(n, half))
+        ]
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking or not self._val_rewards:

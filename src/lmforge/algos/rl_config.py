@@ -90,44 +90,71 @@ def check_rl_config(cfg) -> None:
         if not ok:
             raise ConfigError(msg)
 
-    check(cfg.init_from is not None,
-          f"algo={a.name} improves an existing language model: set init_from=<an SFT (or pretraining) checkpoint>")
-    check(a.rollout_batch_size > 0 and a.samples_per_prompt > 0 and a.minibatch_size > 0 and a.micro_batch_size > 0,
-          "algo.rollout_batch_size, samples_per_prompt, minibatch_size and micro_batch_size must be positive")
-    check(rows % a.minibatch_size == 0,
-          f"algo.rollout_batch_size * algo.samples_per_prompt = {rows} responses per iteration must be a multiple "
-          f"of algo.minibatch_size={a.minibatch_size}")
-    check(a.minibatch_size % a.micro_batch_size == 0,
-          f"algo.minibatch_size={a.minibatch_size} must be a multiple of algo.micro_batch_size={a.micro_batch_size}")
+    check(
+        cfg.init_from is not None,
+        f"algo={a.name} improves an existing language model: set init_from=<an SFT (or pretraining) checkpoint>",
+    )
+    check(
+        a.rollout_batch_size > 0 and a.samples_per_prompt > 0 and a.minibatch_size > 0 and a.micro_batch_size > 0,
+        "algo.rollout_batch_size, samples_per_prompt, minibatch_size and micro_batch_size must be positive",
+    )
+    check(
+        rows % a.minibatch_size == 0,
+        f"algo.rollout_batch_size * algo.samples_per_prompt = {rows} responses per iteration must be a multiple "
+        f"of algo.minibatch_size={a.minibatch_size}",
+    )
+    check(
+        a.minibatch_size % a.micro_batch_size == 0,
+        f"algo.minibatch_size={a.minibatch_size} must be a multiple of algo.micro_batch_size={a.micro_batch_size}",
+    )
     check(a.ppo_epochs >= 1, f"algo.ppo_epochs={a.ppo_epochs} must be >= 1")
-    check(a.temperature > 0, f"algo.temperature={a.temperature} must be > 0 for RL sampling (0 would be greedy: "
-                             "no exploration, and log-probs at temperature 0 are undefined)")
-    check(a.max_new_tokens >= 1 and a.eval_max_new_tokens >= 1, "algo.max_new_tokens and eval_max_new_tokens must be >= 1")
+    check(
+        a.temperature > 0,
+        f"algo.temperature={a.temperature} must be > 0 for RL sampling (0 would be greedy: "
+        "no exploration, and log-probs at temperature 0 are undefined)",
+    )
+    check(
+        a.max_new_tokens >= 1 and a.eval_max_new_tokens >= 1, "algo.max_new_tokens and eval_max_new_tokens must be >= 1"
+    )
     longest = a.max_prompt_tokens + max(a.max_new_tokens, a.eval_max_new_tokens)
-    check(longest <= cfg.model.max_seq_len,
-          f"algo.max_prompt_tokens={a.max_prompt_tokens} + max new tokens = {longest} exceeds model.max_seq_len="
-          f"{cfg.model.max_seq_len}: lower algo.max_prompt_tokens or algo.max_new_tokens")
+    check(
+        longest <= cfg.model.max_seq_len,
+        f"algo.max_prompt_tokens={a.max_prompt_tokens} + max new tokens = {longest} exceeds model.max_seq_len="
+        f"{cfg.model.max_seq_len}: lower algo.max_prompt_tokens or algo.max_new_tokens",
+    )
     check(a.kl_estimator in ("k1", "k2", "k3"), f"algo.kl_estimator={a.kl_estimator!r}: use k1, k2 or k3")
-    check(a.top_k is None and a.top_p is None,
-          f"algo.top_k={a.top_k} / algo.top_p={a.top_p}: RL samples from the full softmax at algo.temperature "
-          "(the old, reference and new log-probs, the ratios and the KL are computed under it; a filtered "
-          "sampler would make them wrong): set algo.top_k=null and algo.top_p=null, and use algo.temperature")
-    check(a.clip_eps is not None or (a.ppo_epochs == 1 and a.minibatch_size == rows),
-          f"algo.clip_eps=null is the plain (on-policy) policy gradient: it has no importance ratio, so it "
-          f"allows one optimizer update per rollout, but algo.ppo_epochs={a.ppo_epochs} and "
-          f"algo.minibatch_size={a.minibatch_size} of {rows} responses give "
-          f"{a.ppo_epochs * max(rows // max(a.minibatch_size, 1), 1)} updates, all but the first on stale samples: "
-          f"set algo.minibatch_size={rows} and algo.ppo_epochs=1 (accumulate with algo.micro_batch_size), "
-          "or set algo.clip_eps (e.g. 0.2) for the clipped surrogate")
-    check(a.reward_stats_from in ("reward_model", "policy"),
-          f"algo.reward_stats_from={a.reward_stats_from!r}: use reward_model (the reward stage's stored statistics) "
-          "or policy (measured on the initial policy's samples)")
+    check(
+        a.top_k is None and a.top_p is None,
+        f"algo.top_k={a.top_k} / algo.top_p={a.top_p}: RL samples from the full softmax at algo.temperature "
+        "(the old, reference and new log-probs, the ratios and the KL are computed under it; a filtered "
+        "sampler would make them wrong): set algo.top_k=null and algo.top_p=null, and use algo.temperature",
+    )
+    check(
+        a.clip_eps is not None or (a.ppo_epochs == 1 and a.minibatch_size == rows),
+        f"algo.clip_eps=null is the plain (on-policy) policy gradient: it has no importance ratio, so it "
+        f"allows one optimizer update per rollout, but algo.ppo_epochs={a.ppo_epochs} and "
+        f"algo.minibatch_size={a.minibatch_size} of {rows} responses give "
+        f"{a.ppo_epochs * max(rows // max(a.minibatch_size, 1), 1)} updates, all but the first on stale samples: "
+        f"set algo.minibatch_size={rows} and algo.ppo_epochs=1 (accumulate with algo.micro_batch_size), "
+        "or set algo.clip_eps (e.g. 0.2) for the clipped surrogate",
+    )
+    check(
+        a.reward_stats_from in ("reward_model", "policy"),
+        f"algo.reward_stats_from={a.reward_stats_from!r}: use reward_model (the reward stage's stored statistics) "
+        "or policy (measured on the initial policy's samples)",
+    )
     check(a.reward_stats_prompts >= 2, f"algo.reward_stats_prompts={a.reward_stats_prompts} must be >= 2")
     check(a.loss_agg in LOSS_AGGS, f"algo.loss_agg={a.loss_agg!r}: use one of {', '.join(LOSS_AGGS)}")
-    check(a.loss_agg_const is None or a.loss_agg_const > 0,
-          f"algo.loss_agg_const={a.loss_agg_const} must be > 0 (or null: algo.max_new_tokens)")
-    check(cfg.trainer.accumulate_grad_batches == 1,
-          "trainer.accumulate_grad_batches must be 1 for RL stages: accumulation is algo.minibatch_size / "
-          "algo.micro_batch_size")
+    check(
+        a.loss_agg_const is None or a.loss_agg_const > 0,
+        f"algo.loss_agg_const={a.loss_agg_const} must be > 0 (or null: algo.max_new_tokens)",
+    )
+    check(
+        cfg.trainer.accumulate_grad_batches == 1,
+        "trainer.accumulate_grad_batches must be 1 for RL stages: accumulation is algo.minibatch_size / "
+        "algo.micro_batch_size",
+    )
     check(a.clip_eps is None or a.clip_eps > 0, f"algo.clip_eps={a.clip_eps} must be > 0 (or null)")
-    check(a.missing_eos_penalty >= 0 and a.reward_clip >= 0, "algo.missing_eos_penalty and algo.reward_clip must be >= 0")
+    check(
+        a.missing_eos_penalty >= 0 and a.reward_clip >= 0, "algo.missing_eos_penalty and algo.reward_clip must be >= 0"
+    )

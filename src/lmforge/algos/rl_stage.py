@@ -68,10 +68,12 @@ POLICY_STAGES = ("pretrain", "sft", "ppo", "reinforce", "rloo", "grpo")
 def distributed_sum():
     """A `reduce` for lmforge.rl.stats (sum over ranks), or None when not distributed."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+
         def reduce(t: Tensor) -> Tensor:
             t = t.clone()
             torch.distributed.all_reduce(t)
             return t
+
         return reduce
     return None
 
@@ -97,8 +99,11 @@ class RLStageModule(RolloutMixin, RLUpdateMixin, StageModule):
         self.reward = reward
         self.judge = gt_judge(cfg.data)
         algo = cfg.algo
-        self.kl_ctl = (AdaptiveKLController(algo.kl_coef, algo.kl_target, algo.kl_horizon) if algo.adaptive_kl
-                       else FixedKLController(algo.kl_coef))
+        self.kl_ctl = (
+            AdaptiveKLController(algo.kl_coef, algo.kl_target, algo.kl_horizon)
+            if algo.adaptive_kl
+            else FixedKLController(algo.kl_coef)
+        )
         self.eval_prompts: list = []  # lmforge.data.prompt_data.Prompt, set by build
         self.ptx_data = None  # PromptDataModule when ptx_coef > 0
         self._ptx_iter = None
@@ -143,8 +148,14 @@ class RLStageModule(RolloutMixin, RLUpdateMixin, StageModule):
         gen = torch.Generator(device=self.device).manual_seed(seed_for(self.cfg.seed, "reward-stats", 0, 0))
         for i in range(0, len(prompts) if rms else 0, algo.eval_batch_size):
             with gathered_for_generation(self.model):
-                ro = sample_rollout(self.model, prompts[i : i + algo.eval_batch_size], self.tokenizer,
-                                    max_new_tokens=algo.max_new_tokens, temperature=algo.temperature, generator=gen)
+                ro = sample_rollout(
+                    self.model,
+                    prompts[i : i + algo.eval_batch_size],
+                    self.tokenizer,
+                    max_new_tokens=algo.max_new_tokens,
+                    temperature=algo.temperature,
+                    generator=gen,
+                )
             for rm in rms:
                 raw[rm.name].append(rm.raw_scores(scoring_batch(ro, self.tokenizer)).float().cpu())
         stats = {}
@@ -153,8 +164,13 @@ class RLStageModule(RolloutMixin, RLUpdateMixin, StageModule):
             std = float(r.std(unbiased=False))
             rm.mean, rm.std = float(r.mean()), std if std > 0 else 1.0
             stats[rm.name] = (rm.mean, rm.std)
-            log.info("reward %s normalized by the initial policy's samples (%d): mean=%.4g std=%.4g", rm.name,
-                     r.numel(), rm.mean, rm.std)
+            log.info(
+                "reward %s normalized by the initial policy's samples (%d): mean=%.4g std=%.4g",
+                rm.name,
+                r.numel(),
+                rm.mean,
+                rm.std,
+            )
         return stats
 
     def _frozen_to_device(self) -> None:
@@ -163,8 +179,9 @@ class RLStageModule(RolloutMixin, RLUpdateMixin, StageModule):
         self.reward.to(self.device)
 
     # -- hooks for subclasses --------------------------------------------------------------
-    def policy_forward(self, sequences: Tensor, attention_mask: Tensor, prompt_len: int,
-                       values: bool = True) -> tuple[Tensor, Tensor | None]:
+    def policy_forward(
+        self, sequences: Tensor, attention_mask: Tensor, prompt_len: int, values: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
         """(response logits (B, N, V), values (B, N) or None) of the trained networks."""
         return response_logits(self.model, sequences, attention_mask, prompt_len)
 
@@ -184,8 +201,9 @@ class RLStageModule(RolloutMixin, RLUpdateMixin, StageModule):
     def kl_shaped_rewards(self, ro: Rollout) -> Tensor:
         """Per-token rewards (B, N): the score at the last response token, minus beta * KL to the
         reference on every token (`lmforge.rl.token_rewards`); sets ro.kl, the per-sequence KL."""
-        rewards, ro.kl = token_rewards(ro.scores, ro.logprobs, ro.ref_logprobs, ro.response_mask,
-                                       self.kl_ctl.value, self.cfg.algo.kl_estimator)
+        rewards, ro.kl = token_rewards(
+            ro.scores, ro.logprobs, ro.ref_logprobs, ro.response_mask, self.kl_ctl.value, self.cfg.algo.kl_estimator
+        )
         return rewards
 
     # -- reductions ------------------------------------------------------------------------
@@ -251,8 +269,13 @@ class RLStageModule(RolloutMixin, RLUpdateMixin, StageModule):
     def log_rollout_samples(self, ro: Rollout, step: int) -> None:
         rows = []
         for i in range(min(self.cfg.algo.n_samples, ro.size)):
-            row = {"step": step, "prompt": ro.prompts[i].text, "sample": ro.responses[i],
-                   "reward": round(float(ro.raw_scores[i]), 4), "score": round(float(ro.scores[i]), 4)}
+            row = {
+                "step": step,
+                "prompt": ro.prompts[i].text,
+                "sample": ro.responses[i],
+                "reward": round(float(ro.raw_scores[i]), 4),
+                "score": round(float(ro.scores[i]), 4),
+            }
             if ro.gt_scores is not None:
                 row["gt_score"] = round(float(ro.gt_scores[i]), 4)
             rows.append(row)
@@ -267,21 +290,38 @@ class RLStageModule(RolloutMixin, RLUpdateMixin, StageModule):
         if algo.eval_temperature > 0:
             gen = torch.Generator(device=self.device).manual_seed(seed_for(self.cfg.seed, "eval", 0, self.global_rank))
         with gathered_for_generation(self.model):
-            ro = sample_rollout(self.model, prompts, self.tokenizer, max_new_tokens=algo.eval_max_new_tokens,
-                                temperature=algo.eval_temperature, generator=gen)
+            ro = sample_rollout(
+                self.model,
+                prompts,
+                self.tokenizer,
+                max_new_tokens=algo.eval_max_new_tokens,
+                temperature=algo.eval_temperature,
+                generator=gen,
+            )
             logits, _ = self.policy_forward(ro.sequences, ro.attention_mask, ro.prompt_len, values=False)
         m = ro.response_mask
         ref_logits, _ = response_logits(self.ref_model, ro.sequences, ro.attention_mask, ro.prompt_len)
         kl = token_kl(logits, ref_logits).masked_fill(~m, 0.0).sum(-1)
         reward, _ = self.reward(scoring_batch(ro, self.tokenizer), device=self.device)
-        f = lambda x: x.detach().double().sum()
-        sums = {"n": torch.tensor(float(ro.size), dtype=torch.float64, device=self.device), "kl": f(kl),
-                "reward": f(reward), "response_len": f(ro.lengths().float()), "eos_frac": f(ro.ended.float())}
-        examples = [{"prompt": p.text, "sample": r, "reward": round(float(s), 4)}
-                    for p, r, s in zip(ro.prompts, ro.responses, reward)]
+
+        def f(x):
+            return x.detach().double().sum()
+
+        sums = {
+            "n": torch.tensor(float(ro.size), dtype=torch.float64, device=self.device),
+            "kl": f(kl),
+            "reward": f(reward),
+            "response_len": f(ro.lengths().float()),
+            "eos_frac": f(ro.ended.float()),
+        }
+        examples = [
+            {"prompt": p.text, "sample": r, "reward": round(float(s), 4)}
+            for p, r, s in zip(ro.prompts, ro.responses, reward)
+        ]
         if self.judge is not None:
-            gt = torch.tensor(self.judge([p.raw for p in ro.prompts], ro.responses), dtype=torch.float64,
-                              device=self.device)
+            gt = torch.tensor(
+                self.judge([p.raw for p in ro.prompts], ro.responses), dtype=torch.float64, device=self.device
+            )
             sums["gt_score"], sums["exact"] = gt.sum(), (gt == 1.0).double().sum()
             for ex, g in zip(examples, gt.tolist()):
                 ex["gt_score"] = g
@@ -312,12 +352,15 @@ class RLStageModule(RolloutMixin, RLUpdateMixin, StageModule):
         self._frozen_to_device()
         if self.global_step == 0 and self.cfg.algo.eval_at_start and self.eval_prompts:
             metrics, examples = self._evaluate_all()
-            log.info("RL start (step 0, the initial policy): %s",
-                     ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+            log.info(
+                "RL start (step 0, the initial policy): %s",
+                ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())),
+            )
             for lg in self.loggers:
                 lg.log_metrics(metrics, step=0)
-            log_text_samples(self.trainer, "eval_samples",
-                             [{"step": 0, **e} for e in examples[: self.cfg.algo.n_samples]])
+            log_text_samples(
+                self.trainer, "eval_samples", [{"step": 0, **e} for e in examples[: self.cfg.algo.n_samples]]
+            )
 
     def on_validation_epoch_start(self) -> None:
         self._frozen_to_device()
@@ -337,8 +380,11 @@ class RLStageModule(RolloutMixin, RLUpdateMixin, StageModule):
         for k, v in metrics.items():
             self.log(k, v, prog_bar=k in ("val/gt_score", "val/kl"))
         if not self.trainer.sanity_checking:
-            log_text_samples(self.trainer, "eval_samples",
-                             [{"step": self.global_step, **e} for e in self._val_examples[: self.cfg.algo.n_samples]])
+            log_text_samples(
+                self.trainer,
+                "eval_samples",
+                [{"step": self.global_step, **e} for e in self._val_examples[: self.cfg.algo.n_samples]],
+            )
 
     # -- optimizer, checkpoints ------------------------------------------------------------
     @property
@@ -390,10 +436,17 @@ def build_rl_stage(cfg, run_dir, module_cls, **module_kwargs):
     reward = build_reward(algo.reward, tokenizer, micro_batch_size=algo.micro_batch_size)
     module = module_cls(cfg, tokenizer, reward, **module_kwargs)
     module.init_policy(cfg.init_from, algo.ref_from)
-    dm = PromptDataModule(cfg.data, tokenizer, prompts_per_step=algo.rollout_batch_size,
-                          max_prompt_tokens=algo.max_prompt_tokens, eval_prompts=algo.eval_prompts,
-                          eval_batch_size=algo.eval_batch_size, seed=cfg.seed,
-                          ptx_batch_size=algo.ptx_batch_size, ptx_seq_len=algo.ptx_seq_len)
+    dm = PromptDataModule(
+        cfg.data,
+        tokenizer,
+        prompts_per_step=algo.rollout_batch_size,
+        max_prompt_tokens=algo.max_prompt_tokens,
+        eval_prompts=algo.eval_prompts,
+        eval_batch_size=algo.eval_batch_size,
+        seed=cfg.seed,
+        ptx_batch_size=algo.ptx_batch_size,
+        ptx_seq_len=algo.ptx_seq_len,
+    )
     dm.prepare_data()
     module.eval_prompts = dm.eval_prompts
     if algo.reward_stats_from == "policy":

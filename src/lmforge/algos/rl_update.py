@@ -58,8 +58,9 @@ class RLUpdateMixin:
         real tokens and sequences summed over ranks (one all-reduce), divided by the number of
         ranks because DDP AVERAGES the ranks' gradients. Each micro-batch's loss is then its
         share of the update's loss, whatever the micro-batch split and the number of ranks."""
-        counts = torch.tensor([float(response_mask.sum()), float(response_mask.shape[0])], dtype=torch.float64,
-                              device=self.device)
+        counts = torch.tensor(
+            [float(response_mask.sum()), float(response_mask.shape[0])], dtype=torch.float64, device=self.device
+        )
         world = 1
         if self.reduce is not None:
             counts = self.reduce(counts)
@@ -74,8 +75,14 @@ class RLUpdateMixin:
     # -- 3. the update -----------------------------------------------------------------------
     def minibatch_fields(self, ro: Rollout) -> dict[str, Tensor]:
         """Per-row tensors the loss reads, indexed by minibatch rows."""
-        f = {"sequences": ro.sequences, "attention_mask": ro.attention_mask, "response_mask": ro.response_mask,
-             "old_logprobs": ro.logprobs, "ref_logprobs": ro.ref_logprobs, "advantages": ro.advantages}
+        f = {
+            "sequences": ro.sequences,
+            "attention_mask": ro.attention_mask,
+            "response_mask": ro.response_mask,
+            "old_logprobs": ro.logprobs,
+            "ref_logprobs": ro.ref_logprobs,
+            "advantages": ro.advantages,
+        }
         if ro.returns is not None:
             f["returns"] = ro.returns
         if ro.values is not None:
@@ -108,8 +115,9 @@ class RLUpdateMixin:
             # One ptx batch per optimizer update: a resumed run reads on where it stopped.
             a = self.cfg.algo
             updates = a.ppo_epochs * (a.rollout_batch_size * a.samples_per_prompt // a.minibatch_size)
-            self._ptx_iter = self.ptx_data.ptx_batches(self.global_rank, self.trainer.world_size,
-                                                       self.global_step * updates)
+            self._ptx_iter = self.ptx_data.ptx_batches(
+                self.global_rank, self.trainer.world_size, self.global_step * updates
+            )
         batch = {k: v.to(self.device) for k, v in next(self._ptx_iter).items()}
         logits = self.model(batch["input_ids"])
         return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)

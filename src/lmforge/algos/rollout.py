@@ -93,16 +93,18 @@ def mask_after_eos(tokens: Tensor, eos_id: int) -> Tensor:
     return eos_before == 0
 
 
-def response_logits(model, sequences: Tensor, attention_mask: Tensor, prompt_len: int,
-                    value_head: torch.nn.Module | None = None) -> tuple[Tensor, Tensor | None]:
+def response_logits(
+    model, sequences: Tensor, attention_mask: Tensor, prompt_len: int, value_head: torch.nn.Module | None = None
+) -> tuple[Tensor, Tensor | None]:
     """Logits (B, N, V) that score the response tokens sequences[:, P:], and optionally a value
     per response position (B, N) from `value_head` on the same hidden states.
 
     The hidden state at column t predicts token t+1, so the N response tokens at columns
     [P, P+N) are read from columns [P-1, P+N-1); the value of response step t is the value of
     the state before its token (the same columns)."""
-    logits, hidden = model(sequences, attention_mask=attention_mask, columns=slice(prompt_len - 1, -1),
-                           return_hidden=True)
+    logits, hidden = model(
+        sequences, attention_mask=attention_mask, columns=slice(prompt_len - 1, -1), return_hidden=True
+    )
     values = value_head(hidden).squeeze(-1).float() if value_head is not None else None
     return logits, values
 
@@ -119,21 +121,40 @@ def seed_for(seed: int, stream: str, step: int, rank: int) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-def sample_rollout(policy, prompts: list, tokenizer, *, max_new_tokens: int, temperature: float,
-                   top_k: int | None = None, top_p: float | None = None,
-                   generator: torch.Generator | None = None, static_cache: bool = False) -> Rollout:
+def sample_rollout(
+    policy,
+    prompts: list,
+    tokenizer,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    static_cache: bool = False,
+) -> Rollout:
     """Sample one response per prompt (batched, left-padded, KV cache), trimmed to the longest
     response, with everything after each row's first EOS masked."""
-    out = generate(policy, [p.ids for p in prompts], max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
-                   pad_id=tokenizer.pad_id, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-                   static_cache=static_cache)
+    out = generate(
+        policy,
+        [p.ids for p in prompts],
+        max_new_tokens=max_new_tokens,
+        eos_id=tokenizer.eos_id,
+        pad_id=tokenizer.pad_id,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        generator=generator,
+        static_cache=static_cache,
+    )
     P = out.prompt_len
     resp = out.sequences[:, P:]
     mask = out.response_mask & mask_after_eos(resp, tokenizer.eos_id)
     n = max(1, int(mask.sum(-1).max()))
     resp, mask = resp[:, :n], mask[:, :n]
-    sequences = out.sequences[:, : P + n].masked_fill(torch.cat([~out.attention_mask[:, :P], ~mask], 1),
-                                                      tokenizer.pad_id)
+    sequences = out.sequences[:, : P + n].masked_fill(
+        torch.cat([~out.attention_mask[:, :P], ~mask], 1), tokenizer.pad_id
+    )
     attention_mask = torch.cat([out.attention_mask[:, :P], mask], 1)
     responses = [tokenizer.decode(r[m].tolist()) for r, m in zip(resp, mask)]
     ended = (resp == tokenizer.eos_id).logical_and(mask).any(-1)
@@ -143,8 +164,11 @@ def sample_rollout(policy, prompts: list, tokenizer, *, max_new_tokens: int, tem
 def scoring_batch(ro: Rollout, tokenizer) -> ScoringBatch:
     resp = ro.response_tokens
     return ScoringBatch(
-        prompts=[p.text for p in ro.prompts], responses=ro.responses, sequences=ro.sequences,
-        attention_mask=ro.attention_mask, tokenizer=tokenizer,
+        prompts=[p.text for p in ro.prompts],
+        responses=ro.responses,
+        sequences=ro.sequences,
+        attention_mask=ro.attention_mask,
+        tokenizer=tokenizer,
         response_ids=[r[m].tolist() for r, m in zip(resp, ro.response_mask)],
     )
 
@@ -202,9 +226,17 @@ class RolloutMixin:
         gen = torch.Generator(device=self.device).manual_seed(seed_for(self.cfg.seed, "sample", step, self.global_rank))
         t0 = time.perf_counter()
         with gathered_for_generation(self.model):
-            ro = sample_rollout(self.model, rows, self.tokenizer, max_new_tokens=algo.max_new_tokens,
-                                temperature=algo.temperature, top_k=algo.top_k, top_p=algo.top_p, generator=gen,
-                                static_cache=algo.static_cache)
+            ro = sample_rollout(
+                self.model,
+                rows,
+                self.tokenizer,
+                max_new_tokens=algo.max_new_tokens,
+                temperature=algo.temperature,
+                top_k=algo.top_k,
+                top_p=algo.top_p,
+                generator=gen,
+                static_cache=algo.static_cache,
+            )
         self._sync()
         t1 = time.perf_counter()
         self.score_rollout(ro)
@@ -220,8 +252,9 @@ class RolloutMixin:
         ro.raw_scores, ro.score_parts = raw, parts
         ro.scores = shape_scores(raw, ro.ended, algo.missing_eos_penalty, algo.reward_clip)
         if self.judge is not None:
-            ro.gt_scores = torch.tensor(self.judge([p.raw for p in ro.prompts], ro.responses),
-                                        dtype=torch.float32, device=self.device)
+            ro.gt_scores = torch.tensor(
+                self.judge([p.raw for p in ro.prompts], ro.responses), dtype=torch.float32, device=self.device
+            )
         logps, ref_logps, values, ent_sum, ent_n = [], [], [], 0.0, 0.0
         tokens = ro.response_tokens
         for i in range(0, ro.size, algo.micro_batch_size):

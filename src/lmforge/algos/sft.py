@@ -115,9 +115,13 @@ class SFTModule(StageModule):
             return {}
         from lmforge.eval.heldout import evaluate_judge
 
-        res = evaluate_judge(self.model, self.tokenizer, self.eval_prompts,
-                             prompt_template=self.cfg.data.prompt_template,
-                             max_new_tokens=self.cfg.algo.max_new_tokens)
+        res = evaluate_judge(
+            self.model,
+            self.tokenizer,
+            self.eval_prompts,
+            prompt_template=self.cfg.data.prompt_template,
+            max_new_tokens=self.cfg.algo.max_new_tokens,
+        )
         for ex in res["examples"]:
             log.info("judge %.2f  %r -> %r", ex["score"], ex["prompt"], ex["response"])
         return {"val/judge_score": res["judge_score"], "val/exact": res["exact"]}
@@ -148,8 +152,9 @@ def sft_tokenizer(cfg):
 
     bad = BadRecords("skip")  # bad records are reported when the data is built
     texts = [p.prompt + p.response for p in jsonl_pairs(d, d.path, bad, "data.path")]
-    return train_tokenizer(texts[: d.tokenizer.max_train_docs], d.tokenizer.vocab_size, d.cache_dir,
-                           model_type=d.tokenizer.model_type)
+    return train_tokenizer(
+        texts[: d.tokenizer.max_train_docs], d.tokenizer.vocab_size, d.cache_dir, model_type=d.tokenizer.model_type
+    )
 
 
 def build(cfg, run_dir):

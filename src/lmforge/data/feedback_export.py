@@ -98,8 +98,16 @@ def preference_records(store: Store, opts: ExportOptions | None = None) -> Expor
             result.counts["skipped_identical_responses"] += 1
         else:
             seen.add((item.prompt, c, r))
-            result.records.append({"prompt": item.prompt, "chosen": c, "rejected": r, "origin": origin,
-                                   "item_id": item.id, "annotator": annotator})
+            result.records.append(
+                {
+                    "prompt": item.prompt,
+                    "chosen": c,
+                    "rejected": r,
+                    "origin": origin,
+                    "item_id": item.id,
+                    "annotator": annotator,
+                }
+            )
             result.counts[origin] += 1
 
     # -- comparisons

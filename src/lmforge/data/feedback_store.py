@@ -113,14 +113,28 @@ class Item:
 
     def public(self) -> dict:
         """What the page shows: no system names (labeling is blind)."""
-        return {"id": self.id, "position": self.position, "prompt": self.prompt,
-                "response_a": self.response_a, "response_b": self.response_b}
+        return {
+            "id": self.id,
+            "position": self.position,
+            "prompt": self.prompt,
+            "response_a": self.response_a,
+            "response_b": self.response_b,
+        }
 
 
 def _item(row: sqlite3.Row) -> Item:
-    return Item(row["id"], row["position"], row["pair_index"], row["prompt"], row["rendered_prompt"],
-                row["response_a"], row["response_b"], json.loads(row["system_a"]), json.loads(row["system_b"]),
-                row["created_at"])
+    return Item(
+        row["id"],
+        row["position"],
+        row["pair_index"],
+        row["prompt"],
+        row["rendered_prompt"],
+        row["response_a"],
+        row["response_b"],
+        json.loads(row["system_a"]),
+        json.loads(row["system_b"]),
+        row["created_at"],
+    )
 
 
 class Store:
@@ -139,8 +153,9 @@ class Store:
                 with self._connect() as con:
                     con.execute("PRAGMA journal_mode=WAL")
                     con.executescript(SCHEMA)
-                    con.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
-                                (str(SCHEMA_VERSION),))
+                    con.execute(
+                        "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                    )
             with self._connect() as con:
                 version = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         except sqlite3.DatabaseError as e:
@@ -151,8 +166,13 @@ class Store:
     # ------------------------------------------------------------------ connections
     def _connect(self) -> sqlite3.Connection:
         if self.readonly:
-            con = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=30,
-                                  isolation_level=None, check_same_thread=False)
+            con = sqlite3.connect(
+                f"{self.path.resolve().as_uri()}?mode=ro",
+                uri=True,
+                timeout=30,
+                isolation_level=None,
+                check_same_thread=False,
+            )
         else:
             con = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             con.execute("PRAGMA synchronous=FULL")
@@ -185,9 +205,18 @@ class Store:
             con.execute(
                 "INSERT OR IGNORE INTO items (id, position, pair_index, prompt, rendered_prompt, response_a,"
                 " response_b, system_a, system_b, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (item.id, item.position, item.pair_index, item.prompt, item.rendered_prompt, item.response_a,
-                 item.response_b, json.dumps(item.system_a, sort_keys=True),
-                 json.dumps(item.system_b, sort_keys=True), item.created_at or now()),
+                (
+                    item.id,
+                    item.position,
+                    item.pair_index,
+                    item.prompt,
+                    item.rendered_prompt,
+                    item.response_a,
+                    item.response_b,
+                    json.dumps(item.system_a, sort_keys=True),
+                    json.dumps(item.system_b, sort_keys=True),
+                    item.created_at or now(),
+                ),
             )
         return self.get_item(item.id)
 
@@ -215,8 +244,9 @@ class Store:
         with self.read() as con:
             return {r[0] for r in con.execute("SELECT item_id FROM judgments WHERE annotator = ?", (annotator,))}
 
-    def add_judgment(self, client_id: str, item_id: str, annotator: str, choice: str,
-                     comment: str | None = None) -> tuple[dict, bool]:
+    def add_judgment(
+        self, client_id: str, item_id: str, annotator: str, choice: str, comment: str | None = None
+    ) -> tuple[dict, bool]:
         """(the stored judgment, created). A replay of the same client_id and content returns the
         stored row (created False); anything else that would duplicate a judgment is a Conflict."""
         if choice not in CHOICES:
@@ -229,11 +259,14 @@ class Store:
                 return dict(row), False
             if con.execute("SELECT 1 FROM items WHERE id = ?", (item_id,)).fetchone() is None:
                 raise NotFound(f"unknown item_id {item_id!r}")
-            prior = con.execute("SELECT choice FROM judgments WHERE item_id = ? AND annotator = ?",
-                                (item_id, annotator)).fetchone()
+            prior = con.execute(
+                "SELECT choice FROM judgments WHERE item_id = ? AND annotator = ?", (item_id, annotator)
+            ).fetchone()
             if prior is not None:
-                raise Conflict(f"annotator {annotator!r} already judged item {item_id!r} "
-                               f"(choice {prior['choice']!r}); a judgment is made once")
+                raise Conflict(
+                    f"annotator {annotator!r} already judged item {item_id!r} "
+                    f"(choice {prior['choice']!r}); a judgment is made once"
+                )
             try:
                 cur = con.execute(
                     "INSERT INTO judgments (client_id, item_id, annotator, choice, comment, created_at)"
@@ -254,8 +287,9 @@ class Store:
         return rows
 
     # ---------------------------------------------------------------------- ratings
-    def add_rating(self, client_id: str, item_id: str, side: str, annotator: str, thumb: int | None,
-                   comment: str | None) -> tuple[dict, bool]:
+    def add_rating(
+        self, client_id: str, item_id: str, side: str, annotator: str, thumb: int | None, comment: str | None
+    ) -> tuple[dict, bool]:
         """Append a rating event (the annotator's current thumb and comment on one response)."""
         if side not in SIDES:
             raise StoreError(f"side {side!r} is not 'a' or 'b'")
@@ -265,7 +299,12 @@ class Store:
             row = con.execute("SELECT * FROM ratings WHERE client_id = ?", (client_id,)).fetchone()
             if row is not None:
                 same = (row["item_id"], row["side"], row["annotator"], row["thumb"], row["comment"]) == (
-                    item_id, side, annotator, thumb, comment or None)
+                    item_id,
+                    side,
+                    annotator,
+                    thumb,
+                    comment or None,
+                )
                 if not same:
                     raise Conflict(f"client_id {client_id!r} was already used for another rating")
                 return dict(row), False
@@ -281,8 +320,10 @@ class Store:
 
     def current_ratings(self, annotator: str | None = None) -> list[dict]:
         """Each (item, side, annotator)'s latest rating event."""
-        sql = ("SELECT r.* FROM ratings r JOIN (SELECT MAX(id) AS id FROM ratings GROUP BY item_id, side, annotator)"
-               " latest ON latest.id = r.id")
+        sql = (
+            "SELECT r.* FROM ratings r JOIN (SELECT MAX(id) AS id FROM ratings GROUP BY item_id, side, annotator)"
+            " latest ON latest.id = r.id"
+        )
         args: tuple = ()
         if annotator is not None:
             sql += " WHERE r.annotator = ?"
@@ -292,7 +333,9 @@ class Store:
 
     def counts(self) -> dict[str, int]:
         with self.read() as con:
-            return {t: con.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("items", "judgments", "ratings")}
+            return {
+                t: con.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("items", "judgments", "ratings")
+            }
 
 
 class _Closing:

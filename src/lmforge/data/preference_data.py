@@ -194,13 +194,22 @@ def read_preference_file(path: str, cfg, bad: BadRecords, config_key: str = "dat
     for where, obj in iter_json_objects(path, bad, config_key):
         if cfg.source == "hh":
             pair = parse_hh_record(
-                obj, where, bad, chosen_field=cfg.chosen_field, rejected_field=cfg.rejected_field,
+                obj,
+                where,
+                bad,
+                chosen_field=cfg.chosen_field,
+                rejected_field=cfg.rejected_field,
                 assistant_marker=cfg.assistant_marker,
             )
         else:
             pair = parse_jsonl_record(
-                obj, where, bad, prompt_field=cfg.prompt_field, chosen_field=cfg.chosen_field,
-                rejected_field=cfg.rejected_field, prompt_template=cfg.prompt_template,
+                obj,
+                where,
+                bad,
+                prompt_field=cfg.prompt_field,
+                chosen_field=cfg.chosen_field,
+                rejected_field=cfg.rejected_field,
+                prompt_template=cfg.prompt_template,
                 response_prefix=cfg.response_prefix,
             )
         if pair is not None:
@@ -287,7 +296,10 @@ def encode_preferences(
     if truncated:
         log.warning(
             "%s: %d of %d pair(s) had prompt tokens cut from the left to fit algo.seq_len=%d",
-            what, truncated, len(out), max_len,
+            what,
+            truncated,
+            len(out),
+            max_len,
         )
     return out, kept, truncated
 
@@ -335,8 +347,15 @@ class PairStream(IterableDataset):
     """
 
     def __init__(
-        self, pairs: list[EncodedPair], batch_size: int, seed: int, start_batch: int, rank: int,
-        world_size: int, group: int = 1, collate=None,
+        self,
+        pairs: list[EncodedPair],
+        batch_size: int,
+        seed: int,
+        start_batch: int,
+        rank: int,
+        world_size: int,
+        group: int = 1,
+        collate=None,
     ):
         if not pairs:
             raise DataError("no training pairs: check the data and data.on_bad_record")
@@ -494,8 +513,16 @@ class PreferenceDataModule(L.LightningDataModule):
         trainer, b = self.trainer, self.batching
         # Batches this rank has already consumed: resume reads on from exactly there.
         start = trainer.global_step * trainer.accumulate_grad_batches
-        ds = PairStream(self.load().train, b.batch_size, b.seed, start, trainer.global_rank,
-                        trainer.world_size, b.length_group, self.collate)
+        ds = PairStream(
+            self.load().train,
+            b.batch_size,
+            b.seed,
+            start,
+            trainer.global_rank,
+            trainer.world_size,
+            b.length_group,
+            self.collate,
+        )
         return DataLoader(
             ds,
             batch_size=None,  # the stream yields whole batches
@@ -506,6 +533,7 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.load().val, batch_size=self.batching.batch_size, shuffle=False, collate_fn=self.collate)
+
 
 # ======================================================================== the feedback app's database
 # `algo=reward data=feedback data.db=...`: the pairs are exactly what `python -m lmforge.feedback export`
@@ -525,8 +553,10 @@ def feedback_records(cfg) -> Iterator[dict]:
     try:
         store = Store(cfg.db, readonly=True)
     except FileNotFoundError:
-        raise DataError(f"data.db={cfg.db}: no such feedback database (python -m lmforge.feedback serve "
-                        "makes one; its path is printed when it starts)") from None
+        raise DataError(
+            f"data.db={cfg.db}: no such feedback database (python -m lmforge.feedback serve "
+            "makes one; its path is printed when it starts)"
+        ) from None
     except StoreError as e:
         raise DataError(f"data.db={cfg.db}: {e}") from None
     opts = ExportOptions(
@@ -547,8 +577,9 @@ def read_feedback_pairs(cfg, bad) -> list:
     pairs = []
     for record in feedback_records(cfg):
         where = f"{cfg.db}#item={record['item_id']}:{record['origin']}"
-        pair = parse_jsonl_record(record, where, bad, prompt_template=cfg.prompt_template,
-                                  response_prefix=cfg.response_prefix)
+        pair = parse_jsonl_record(
+            record, where, bad, prompt_template=cfg.prompt_template, response_prefix=cfg.response_prefix
+        )
         if pair is not None:
             pairs.append(pair)
     return pairs

@@ -43,9 +43,7 @@ def documents_for(cfg: DataConfig) -> Iterator[Document]:
     if cfg.source == "synthetic":
         return synthetic_documents(cfg.seed, cfg.n_docs, cfg.wrong_rate)
     if cfg.source == "text":
-        return read_text_files(
-            list(cfg.paths), clean_html=cfg.clean_html, collapse_whitespace=cfg.collapse_whitespace
-        )
+        return read_text_files(list(cfg.paths), clean_html=cfg.clean_html, collapse_whitespace=cfg.collapse_whitespace)
     if cfg.source in ("jsonl", "hh"):
         return read_jsonl(
             cfg.path,
@@ -81,9 +79,7 @@ def load_or_train_tokenizer(cfg: DataConfig) -> Tokenizer:
             raise DataError(f"data.tokenizer.path={path}: no such file")
         return Tokenizer.load(path)
     texts = (d.text for d in islice(documents_for(cfg), cfg.tokenizer.max_train_docs))
-    return train_tokenizer(
-        texts, cfg.tokenizer.vocab_size, cfg.cache_dir, model_type=cfg.tokenizer.model_type
-    )
+    return train_tokenizer(texts, cfg.tokenizer.vocab_size, cfg.cache_dir, model_type=cfg.tokenizer.model_type)
 
 
 def splitmix64(x: int) -> int:

@@ -57,8 +57,9 @@ def synthetic_prompts(cfg, split: str) -> list[tuple[str, str, str]]:
     from lmforge.world.generator import SyntheticWorld
 
     tasks = SyntheticWorld(cfg.seed).all_tasks(split)
-    return [(t.prompt, render_prompt(cfg.prompt_template, t.prompt), f"synthetic:{split}:{i}")
-            for i, t in enumerate(tasks)]
+    return [
+        (t.prompt, render_prompt(cfg.prompt_template, t.prompt), f"synthetic:{split}:{i}") for i, t in enumerate(tasks)
+    ]
 
 
 def jsonl_prompts(cfg, path: str, bad: BadRecords, config_key: str) -> list[tuple[str, str, str]]:
@@ -72,7 +73,9 @@ def jsonl_prompts(cfg, path: str, bad: BadRecords, config_key: str) -> list[tupl
         value = obj.get(cfg.prompt_field)
         if cfg.prompt_field not in obj:
             present = ", ".join(map(str, obj)) or "(none)"
-            bad.report("missing field", where, f"no field {cfg.prompt_field!r} (data.prompt_field); fields present: {present}")
+            bad.report(
+                "missing field", where, f"no field {cfg.prompt_field!r} (data.prompt_field); fields present: {present}"
+            )
         elif not isinstance(value, str) or not value.strip():
             bad.report("empty or non-string prompt", where, f"field {cfg.prompt_field!r} (data.prompt_field)")
         else:
@@ -187,9 +190,19 @@ def as_list(batch: list[Prompt]) -> list[Prompt]:
 
 
 class PromptDataModule(L.LightningDataModule):
-    def __init__(self, cfg, tokenizer: Tokenizer, *, prompts_per_step: int, max_prompt_tokens: int,
-                 eval_prompts: int, eval_batch_size: int, seed: int, ptx_batch_size: int = 0,
-                 ptx_seq_len: int = 128):
+    def __init__(
+        self,
+        cfg,
+        tokenizer: Tokenizer,
+        *,
+        prompts_per_step: int,
+        max_prompt_tokens: int,
+        eval_prompts: int,
+        eval_batch_size: int,
+        seed: int,
+        ptx_batch_size: int = 0,
+        ptx_seq_len: int = 128,
+    ):
         super().__init__()
         self.cfg, self.tokenizer = cfg, tokenizer
         self.prompts_per_step, self.max_prompt_tokens = prompts_per_step, max_prompt_tokens
@@ -212,8 +225,12 @@ class PromptDataModule(L.LightningDataModule):
         self.train_prompts, cut_train = encode_prompts(train, self.tokenizer, self.max_prompt_tokens)
         self.eval_prompts, cut_eval = encode_prompts(evals, self.tokenizer, self.max_prompt_tokens)
         if cut_train or cut_eval:
-            log.warning("%d train and %d eval prompts were longer than algo.max_prompt_tokens=%d and lost tokens "
-                        "from the left", cut_train, cut_eval, self.max_prompt_tokens)
+            log.warning(
+                "%d train and %d eval prompts were longer than algo.max_prompt_tokens=%d and lost tokens from the left",
+                cut_train,
+                cut_eval,
+                self.max_prompt_tokens,
+            )
         log.info("RL prompts: %d train, %d held out", len(self.train_prompts), len(self.eval_prompts))
 
     def train_dataloader(self) -> DataLoader:

@@ -86,9 +86,18 @@ def _check_text(value, field_name: str, config_key: str, what: str, where: str, 
     return value
 
 
-def make_pair(prompt, response, where: str, template: str, response_prefix: str, bad: BadRecords,
-              prompt_key: str = "prompt", response_key: str = "response",
-              prompt_field: str = "prompt", response_field: str = "response") -> Pair | None:
+def make_pair(
+    prompt,
+    response,
+    where: str,
+    template: str,
+    response_prefix: str,
+    bad: BadRecords,
+    prompt_key: str = "prompt",
+    response_key: str = "response",
+    prompt_field: str = "prompt",
+    response_field: str = "response",
+) -> Pair | None:
     """A validated Pair, or None (after bad.report) for an empty or non-string field."""
     p = _check_text(prompt, prompt_field, prompt_key, "prompt", where, bad)
     r = _check_text(response, response_field, response_key, "response", where, bad)
@@ -104,8 +113,9 @@ def synthetic_pairs(cfg, split: str, n: int) -> list[Pair]:
     bad = BadRecords(cfg.on_bad_record)
     pairs = []
     for i, task in enumerate(SyntheticWorld(cfg.seed).tasks(n, split)):
-        pair = make_pair(task.prompt, task.answer, f"synthetic:{split}:{i}", cfg.prompt_template,
-                         cfg.response_prefix, bad)
+        pair = make_pair(
+            task.prompt, task.answer, f"synthetic:{split}:{i}", cfg.prompt_template, cfg.response_prefix, bad
+        )
         if pair is not None:
             pairs.append(pair)
     bad.log_summary(f"synthetic {split} pairs")
@@ -144,9 +154,18 @@ def jsonl_pairs(cfg, path: str, bad: BadRecords, config_key: str = "data.path") 
                 f"no field {missing[0]!r} ({keys[missing[0]]}); fields present: {', '.join(map(str, obj)) or '(none)'}",
             )
             continue
-        pair = make_pair(obj[cfg.prompt_field], obj[cfg.response_field], where, cfg.prompt_template,
-                         cfg.response_prefix, bad, "data.prompt_field", "data.response_field",
-                         cfg.prompt_field, cfg.response_field)
+        pair = make_pair(
+            obj[cfg.prompt_field],
+            obj[cfg.response_field],
+            where,
+            cfg.prompt_template,
+            cfg.response_prefix,
+            bad,
+            "data.prompt_field",
+            "data.response_field",
+            cfg.prompt_field,
+            cfg.response_field,
+        )
         if pair is not None:
             pairs.append(pair)
     if not pairs:
@@ -222,8 +241,9 @@ class EncodeStats:
     bad_counts: dict[str, int] = field(default_factory=dict)
 
 
-def encode_pairs(pairs: Iterable[Pair], tok: Tokenizer, seq_len: int, bad: BadRecords,
-                 stats: EncodeStats | None = None) -> list[SFTExample]:
+def encode_pairs(
+    pairs: Iterable[Pair], tok: Tokenizer, seq_len: int, bad: BadRecords, stats: EncodeStats | None = None
+) -> list[SFTExample]:
     """Tokenize pairs to at most seq_len + 1 ids (the model reads seq_len of them)."""
     stats = stats if stats is not None else EncodeStats()
     out = []
@@ -263,8 +283,9 @@ def collate(examples: list[SFTExample], pad_id: int) -> dict[str, torch.Tensor]:
 # ========================================================================= batching
 
 
-def plan_epoch(lengths: list[int], batch_size: int, packing: str, seed: int, epoch: int,
-               bucket_size: int = 64) -> list[list[int]]:
+def plan_epoch(
+    lengths: list[int], batch_size: int, packing: str, seed: int, epoch: int, bucket_size: int = 64
+) -> list[list[int]]:
     """The batches (lists of example indices) of one epoch, a pure function of its arguments.
 
     none: shuffle, cut into batches. bucket: shuffle, cut into mega-batches of bucket_size
@@ -298,9 +319,18 @@ class TrainBatches(IterableDataset):
     """An endless stream of collated batches; global batch k = i * world_size + rank is batch
     k mod n of epoch k // n's plan."""
 
-    def __init__(self, examples: list[SFTExample], batch_size: int, packing: str, seed: int,
-                 pad_id: int, start_batch: int = 0, rank: int = 0, world_size: int = 1,
-                 bucket_size: int = 64):
+    def __init__(
+        self,
+        examples: list[SFTExample],
+        batch_size: int,
+        packing: str,
+        seed: int,
+        pad_id: int,
+        start_batch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        bucket_size: int = 64,
+    ):
         if not examples:
             raise DataError("no SFT training example (every record was skipped?)")
         self.examples, self.batch_size, self.packing, self.seed = examples, batch_size, packing, seed
@@ -373,11 +403,21 @@ class SFTDataModule(L.LightningDataModule):
         bad.log_summary("SFT training examples")
         bad_val.log_summary("SFT validation examples")
         for split, s in self.stats.items():
-            log.info("SFT %s: %d examples, %d prompt(s) truncated from the left to fit algo.seq_len=%d",
-                     split, s.n_examples, s.n_truncated, b.seq_len)
+            log.info(
+                "SFT %s: %d examples, %d prompt(s) truncated from the left to fit algo.seq_len=%d",
+                split,
+                s.n_examples,
+                s.n_truncated,
+                b.seq_len,
+            )
             if s.n_truncated:
-                log.warning("SFT %s: %d of %d prompts were truncated from the left (algo.seq_len=%d)",
-                            split, s.n_truncated, s.n_examples, b.seq_len)
+                log.warning(
+                    "SFT %s: %d of %d prompts were truncated from the left (algo.seq_len=%d)",
+                    split,
+                    s.n_truncated,
+                    s.n_examples,
+                    b.seq_len,
+                )
         if not self.train_examples:
             raise DataError("no SFT training example left (all records were skipped); see the warnings above")
         if not self.val_examples:
@@ -395,13 +435,28 @@ class SFTDataModule(L.LightningDataModule):
         trainer = self.trainer
         start = trainer.global_step * trainer.accumulate_grad_batches
         b = self.batching
-        ds = TrainBatches(self.train_examples, b.batch_size, b.packing, b.seed, self.tokenizer.pad_id, start,
-                          trainer.global_rank, trainer.world_size, b.bucket_size)
-        return DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers,
-                          pin_memory=use_pinned_memory(self.cfg), persistent_workers=self.cfg.num_workers > 0)
+        ds = TrainBatches(
+            self.train_examples,
+            b.batch_size,
+            b.packing,
+            b.seed,
+            self.tokenizer.pad_id,
+            start,
+            trainer.global_rank,
+            trainer.world_size,
+            b.bucket_size,
+        )
+        return DataLoader(
+            ds,
+            batch_size=None,
+            num_workers=self.cfg.num_workers,
+            pin_memory=use_pinned_memory(self.cfg),
+            persistent_workers=self.cfg.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
         b = self.batching
         plan = plan_eval([e.n_inputs for e in self.val_examples], b.batch_size, b.packing)[: b.val_batches]
-        return DataLoader(FixedBatches(self.val_examples, plan, self.tokenizer.pad_id), batch_size=None,
-                          shuffle=False, num_workers=0)
+        return DataLoader(
+            FixedBatches(self.val_examples, plan, self.tokenizer.pad_id), batch_size=None, shuffle=False, num_workers=0
+        )

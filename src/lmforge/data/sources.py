@@ -173,9 +173,7 @@ def iter_jsonl_records(
 def _check_is_file(path: str, config_key: str) -> None:
     if not os.path.isfile(path):
         what = "is a directory, not a JSONL file" if os.path.isdir(path) else "file not found"
-        raise DataError(
-            f"{path!r} ({config_key}): {what}; relative paths are resolved from {os.getcwd()}"
-        )
+        raise DataError(f"{path!r} ({config_key}): {what}; relative paths are resolved from {os.getcwd()}")
 
 
 def _iter_jsonl(path: str, on_error: Callable[[DataError], None] | None) -> Iterator[tuple[int, dict]]:
@@ -207,7 +205,9 @@ def _parse_jsonl_line(raw: bytes, where: str) -> dict:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise DataError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno}): fix the line or remove it") from None
+        raise DataError(
+            f"{where}: malformed JSON ({exc.msg} at column {exc.colno}): fix the line or remove it"
+        ) from None
     except RecursionError:
         raise DataError(f"{where}: JSON nested too deeply to read; flatten the line or remove it") from None
     except ValueError as exc:  # e.g. an integer literal longer than Python's int_max_str_digits

@@ -85,7 +85,9 @@ def load_token_dataset(dir: str | Path) -> TokenDataset:
         dtype = np.dtype(meta["dtype"])
         arrays = {split: _open_split(dir / f"{split}.bin", dtype, int(meta[f"n_tokens_{split}"])) for split in _SPLITS}
     except (ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{meta_path}: unreadable or inconsistent ({exc}); delete {dir} and run again to rebuild it") from exc
+        raise DataError(
+            f"{meta_path}: unreadable or inconsistent ({exc}); delete {dir} and run again to rebuild it"
+        ) from exc
     return TokenDataset(dir=dir, meta=meta, train=arrays["train"], val=arrays["val"])
 
 

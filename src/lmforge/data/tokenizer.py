@@ -150,8 +150,7 @@ class Tokenizer:
             processor.LoadFromSerializedProto(proto)
         except Exception as exc:  # sentencepiece raises bare RuntimeError/OSError
             raise DataError(
-                f"{source}: not a valid SentencePiece model ({exc}); "
-                "delete it and let lmforge train a new tokenizer"
+                f"{source}: not a valid SentencePiece model ({exc}); delete it and let lmforge train a new tokenizer"
             ) from exc
         return cls(processor, source=source)
 

@@ -33,8 +33,7 @@ class RewardScorer:
         ckpt = load_any_checkpoint(path)
         if ckpt.stage != "reward":
             raise CheckpointError(
-                f"{path} is a '{ckpt.stage}' checkpoint; scoring needs a reward model "
-                "(a checkpoint of algo=reward)"
+                f"{path} is a '{ckpt.stage}' checkpoint; scoring needs a reward model (a checkpoint of algo=reward)"
             )
         self.model = ScalarModel(ckpt.model_config)
         load_matching(self.model, submodule_state(ckpt.state_dict, "model"), str(path))
@@ -81,13 +80,22 @@ class RewardScorer:
         for where, obj in iter_json_objects(path, bad, "input"):
             if self.source == "hh" and not self.raw:
                 pair = parse_hh_record(
-                    obj, where, bad, chosen_field=args["chosen_field"],
-                    rejected_field=args["rejected_field"], assistant_marker=self.assistant_marker,
+                    obj,
+                    where,
+                    bad,
+                    chosen_field=args["chosen_field"],
+                    rejected_field=args["rejected_field"],
+                    assistant_marker=self.assistant_marker,
                 )
             else:
                 pair = parse_jsonl_record(
-                    obj, where, bad, prompt_field=args["prompt_field"], chosen_field=args["chosen_field"],
-                    rejected_field=args["rejected_field"], prompt_template=self.prompt_template,
+                    obj,
+                    where,
+                    bad,
+                    prompt_field=args["prompt_field"],
+                    chosen_field=args["chosen_field"],
+                    rejected_field=args["rejected_field"],
+                    prompt_template=self.prompt_template,
                     response_prefix=self.response_prefix,
                 )
             if pair is not None:
@@ -129,13 +137,16 @@ def synthetic_judge_pairs(scorer: RewardScorer, spec: str) -> list[PreferencePai
     if which not in ("test", "seen") or (n and not n.isdigit()) or n == "0":
         raise UsageError(f"input={spec!r}: use synthetic:test or synthetic:seen, optionally with :N pairs")
     data = scorer.data_config
-    cfg = SimpleNamespace(seed=int(data.get("seed", 0)), prompt_template=data["prompt_template"],
-                          response_prefix=data["response_prefix"])
+    cfg = SimpleNamespace(
+        seed=int(data.get("seed", 0)), prompt_template=data["prompt_template"], response_prefix=data["response_prefix"]
+    )
     n_pairs = int(n or 800)
     if which == "test":
         return synthetic_pairs(cfg, n_pairs, "test", 0.0)
     if scorer.source != "synthetic":
-        raise UsageError(f"input={spec!r}: the checkpoint was trained on data.source={scorer.source!r}, so "
-                         "which synthetic pairs it saw is unknown; synthetic:test needs no such knowledge")
+        raise UsageError(
+            f"input={spec!r}: the checkpoint was trained on data.source={scorer.source!r}, so "
+            "which synthetic pairs it saw is unknown; synthetic:test needs no such knowledge"
+        )
     trained = synthetic_pairs(cfg, int(data["n_pairs"]), "train", float(data.get("annotator_noise", 0.0)))
     return unseen_pairs(cfg, n_pairs, trained)

@@ -103,7 +103,8 @@ def check_access(host: str, token: str | None) -> str | None:
         raise UsageError(
             f"host={host} makes the app reachable from other machines: give an access token, e.g. "
             "token=auto (one is made and printed) or token=$(python -c 'import secrets; "
-            "print(secrets.token_urlsafe(24))'); or keep the default host=127.0.0.1")
+            "print(secrets.token_urlsafe(24))'); or keep the default host=127.0.0.1"
+        )
     return token
 
 
@@ -139,8 +140,16 @@ def build_server(cfg: ServeConfig):
     source = ModelPairSource(System("1", lm, settings, cfg.seed), System("2", lm_b, settings_b, cfg.seed))
     db = Path(cfg.db) if cfg.db else default_db(cfg.ckpt)
     store = Store(db)
-    session = FeedbackSession(store, prompts, source, template=template, pairs_per_prompt=cfg.pairs_per_prompt,
-                              shuffle_sides=cfg.shuffle_sides, prefetch=cfg.prefetch, seed=cfg.seed)
+    session = FeedbackSession(
+        store,
+        prompts,
+        source,
+        template=template,
+        pairs_per_prompt=cfg.pairs_per_prompt,
+        shuffle_sides=cfg.shuffle_sides,
+        prefetch=cfg.prefetch,
+        seed=cfg.seed,
+    )
     annotator = cfg.annotator or getpass.getuser() or "anonymous"
     hosts = LOOPBACK_HOSTS if cfg.host in LOOPBACK_HOSTS else None
     app = create_app(session, annotator=annotator, token=token, allowed_hosts=hosts)
@@ -153,8 +162,11 @@ def serve(cfg: ServeConfig) -> None:
     app, session, token, db = build_server(cfg)
     shown = "localhost" if cfg.host in ("127.0.0.1", "::1", "localhost") else cfg.host
     url = f"http://{'[' + shown + ']' if ':' in shown else shown}:{cfg.port}/"
-    print(f"feedback: {len(session.entries)} items ({len(session.entries) - sum(map(session.generated, session.ids))}"
-          f" still to generate), database {db}", flush=True)
+    print(
+        f"feedback: {len(session.entries)} items ({len(session.entries) - sum(map(session.generated, session.ids))}"
+        f" still to generate), database {db}",
+        flush=True,
+    )
     print(f"feedback: open {url}{'?token=' + token if token else ''}  (Ctrl-C stops; nothing is lost)", flush=True)
     try:
         uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
@@ -169,8 +181,13 @@ def main(argv: list[str] | None = None):
     command, rest = argv[0], argv[1:]
     show_cfg = "--cfg" in rest
     rest = [a for a in rest if a != "--cfg"]
-    composed = compose_cli("feedback", rest, schema="feedback_cli_schema", prefix=f"{command}.",
-                           free_text=("template", "token", "annotator") if command == "serve" else ())
+    composed = compose_cli(
+        "feedback",
+        rest,
+        schema="feedback_cli_schema",
+        prefix=f"{command}.",
+        free_text=("template", "token", "annotator") if command == "serve" else (),
+    )
     node = composed[command]
     if show_cfg:
         print(OmegaConf.to_yaml(node))

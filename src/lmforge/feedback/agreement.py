@@ -80,8 +80,13 @@ def win_rates(judgments: list[dict], items: dict) -> dict[str, dict]:
     for name in sorted(table):
         c = table[name]
         decisive = c["wins"] + c["losses"]
-        out[name] = {"wins": c["wins"], "losses": c["losses"], "ties": c["ties"], "both_bad": c["both_bad"],
-                     "win_rate": c["wins"] / decisive if decisive else None}
+        out[name] = {
+            "wins": c["wins"],
+            "losses": c["losses"],
+            "ties": c["ties"],
+            "both_bad": c["both_bad"],
+            "win_rate": c["wins"] / decisive if decisive else None,
+        }
     return out
 
 
@@ -101,8 +106,10 @@ def compute_stats(store: Store, queue_ids: list[str], annotator: str, items: dic
         "judgments": len(judgments),
         "annotators": dict(Counter(j["annotator"] for j in judgments)),
         "choices": {c: sum(1 for j in judgments if j["choice"] == c) for c in CHOICES},
-        "thumbs": {"up": sum(1 for r in ratings if r["thumb"] == 1),
-                   "down": sum(1 for r in ratings if r["thumb"] == -1)},
+        "thumbs": {
+            "up": sum(1 for r in ratings if r["thumb"] == 1),
+            "down": sum(1 for r in ratings if r["thumb"] == -1),
+        },
         "agreement": agreement(judgments),
         "win_rates": win_rates(judgments, items),
     }

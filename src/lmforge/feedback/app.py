@@ -115,9 +115,19 @@ class Entry:
 class FeedbackSession:
     """The queue of items of one prompts file, generated on demand and ahead of annotators."""
 
-    def __init__(self, store: Store, prompts: Sequence[str], source: PairSource, *, template: str = "{prompt}",
-                 pairs_per_prompt: int = 1, shuffle_sides: bool = True, prefetch: int = 4, seed: int = 0,
-                 background: bool = True):
+    def __init__(
+        self,
+        store: Store,
+        prompts: Sequence[str],
+        source: PairSource,
+        *,
+        template: str = "{prompt}",
+        pairs_per_prompt: int = 1,
+        shuffle_sides: bool = True,
+        prefetch: int = 4,
+        seed: int = 0,
+        background: bool = True,
+    ):
         from lmforge.data.templates import render_prompt
 
         if not prompts:
@@ -162,8 +172,9 @@ class FeedbackSession:
             missing = [i for i in indices if self.entries[i].id not in self._items]
             if missing:
                 entries = [self.entries[i] for i in missing]
-                pairs = self.source.generate([e.rendered for e in entries],
-                                             seed=int(_hash(self.seed, entries[0].id)[:8], 16))
+                pairs = self.source.generate(
+                    [e.rendered for e in entries], seed=int(_hash(self.seed, entries[0].id)[:8], 16)
+                )
                 sys1, sys2 = self.source.systems()
                 for e, (r1, r2) in zip(entries, pairs):
                     (ra, sa), (rb, sb) = ((r2, sys2), (r1, sys1)) if e.swap else ((r1, sys1), (r2, sys2))
@@ -245,9 +256,14 @@ class RatingIn(BaseModel):
     comment: Optional[str] = Field(default=None, max_length=4000)
 
 
-
-def create_app(session: FeedbackSession, *, annotator: str = "anonymous", token: str | None = None,
-               allowed_hosts: Sequence[str] | None = None, title: str = "lmforge feedback"):
+def create_app(
+    session: FeedbackSession,
+    *,
+    annotator: str = "anonymous",
+    token: str | None = None,
+    allowed_hosts: Sequence[str] | None = None,
+    title: str = "lmforge feedback",
+):
     """The FastAPI app. token: required on every request when given. allowed_hosts: accepted
     Host header names (a loopback server refuses other names: DNS rebinding)."""
     app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None)
@@ -299,13 +315,17 @@ def create_app(session: FeedbackSession, *, annotator: str = "anonymous", token:
                 return response
             if not has_token(request):
                 if request.url.path.startswith("/api/"):
-                    return error(401, "access token required: send the X-Lmforge-Token header, or open the page "
-                                      "once as /?token=<token>")
+                    return error(
+                        401,
+                        "access token required: send the X-Lmforge-Token header, or open the page "
+                        "once as /?token=<token>",
+                    )
                 return PlainTextResponse("access token required: open /?token=<token> (printed by the server)", 401)
         response = await call_next(request)
         response.headers["Content-Security-Policy"] = (
             "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
-            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+        )
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["Referrer-Policy"] = "no-referrer"
         response.headers["Cache-Control"] = "no-store"
@@ -314,10 +334,17 @@ def create_app(session: FeedbackSession, *, annotator: str = "anonymous", token:
     def with_mine(item: Item, who: str) -> dict:
         store = session.store
         judgment = next((j for j in store.judgments([item.id]) if j["annotator"] == who), None)
-        ratings = {r["side"]: {"thumb": {1: "up", -1: "down"}.get(r["thumb"]), "comment": r["comment"]}
-                   for r in store.current_ratings(who) if r["item_id"] == item.id}
-        return {**item.public(), "index": session.index[item.id], "judgment": judgment and judgment["choice"],
-                "ratings": ratings}
+        ratings = {
+            r["side"]: {"thumb": {1: "up", -1: "down"}.get(r["thumb"]), "comment": r["comment"]}
+            for r in store.current_ratings(who)
+            if r["item_id"] == item.id
+        }
+        return {
+            **item.public(),
+            "index": session.index[item.id],
+            "judgment": judgment and judgment["choice"],
+            "ratings": ratings,
+        }
 
     @app.get("/", include_in_schema=False)
     def index():
@@ -331,9 +358,14 @@ def create_app(session: FeedbackSession, *, annotator: str = "anonymous", token:
 
     @app.get("/api/config")
     def config():
-        return {"annotator": annotator, "total": len(session.entries), "title": title,
-                "systems": [{"name": s.get("name", "?"), "description": describe_system(s)}
-                            for s in session.source.systems()]}
+        return {
+            "annotator": annotator,
+            "total": len(session.entries),
+            "title": title,
+            "systems": [
+                {"name": s.get("name", "?"), "description": describe_system(s)} for s in session.source.systems()
+            ],
+        }
 
     @app.get("/api/next")
     def next_item(annotator: str = Query(pattern=NAME_PATTERN), after: Optional[str] = Query(None, max_length=64)):
@@ -353,18 +385,22 @@ def create_app(session: FeedbackSession, *, annotator: str = "anonymous", token:
     def judge(body: JudgmentIn = Body()):
         if body.item_id not in session.index:
             raise _not_found(body.item_id)
-        row, created = session.store.add_judgment(body.client_id, body.item_id, body.annotator, body.choice,
-                                                  body.comment)
-        return JSONResponse({"judgment": row, "replayed": not created, "stats": session.stats(body.annotator)},
-                            status_code=201 if created else 200)
+        row, created = session.store.add_judgment(
+            body.client_id, body.item_id, body.annotator, body.choice, body.comment
+        )
+        return JSONResponse(
+            {"judgment": row, "replayed": not created, "stats": session.stats(body.annotator)},
+            status_code=201 if created else 200,
+        )
 
     @app.post("/api/ratings")
     def rate(body: RatingIn = Body()):
         if body.item_id not in session.index:
             raise _not_found(body.item_id)
         thumb = {"up": 1, "down": -1, None: None}[body.thumb]
-        row, created = session.store.add_rating(body.client_id, body.item_id, body.side, body.annotator, thumb,
-                                                body.comment)
+        row, created = session.store.add_rating(
+            body.client_id, body.item_id, body.side, body.annotator, thumb, body.comment
+        )
         return JSONResponse({"rating": row, "replayed": not created}, status_code=201 if created else 200)
 
     @app.get("/api/stats")

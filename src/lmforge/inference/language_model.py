@@ -57,8 +57,13 @@ class SamplingSettings:
             raise UsageError(f"top_p={self.top_p} must be in (0, 1] (or null to disable)")
 
     def as_dict(self) -> dict:
-        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
-                "top_k": self.top_k, "top_p": self.top_p, "stop": list(self.stop)}
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "stop": list(self.stop),
+        }
 
 
 class _Stop(Exception):
@@ -140,7 +145,9 @@ class LanguageModel:
         try:
             load_matching(model, weights, f"ckpt={self.path}")
         except CheckpointError as e:
-            raise CheckpointError(f"{e}\nckpt={self.path} ('{ckpt.stage}') holds no language model to sample from") from None
+            raise CheckpointError(
+                f"{e}\nckpt={self.path} ('{ckpt.stage}') holds no language model to sample from"
+            ) from None
         self.model = model.to(device).eval()
         self.device = device
         self.tokenizer = ckpt.tokenizer
@@ -175,9 +182,17 @@ class LanguageModel:
         for start in range(0, len(texts), batch_size):
             fitted = [self._fit(t, s.max_new_tokens) for t in texts[start : start + batch_size]]
             budget = min(b for _, b in fitted)
-            res = generate(self.model, [ids for ids, _ in fitted], max_new_tokens=budget, eos_id=tok.eos_id,
-                           pad_id=tok.pad_id, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                           generator=generator)
+            res = generate(
+                self.model,
+                [ids for ids, _ in fitted],
+                max_new_tokens=budget,
+                eos_id=tok.eos_id,
+                pad_id=tok.pad_id,
+                temperature=s.temperature,
+                top_k=s.top_k,
+                top_p=s.top_p,
+                generator=generator,
+            )
             for row, mask, eos in zip(res.sequences[:, res.prompt_len :], res.response_mask, res.ended_with_eos):
                 ids = row[mask].tolist()
                 stream = TextStream(tok, s.stop)
@@ -206,9 +221,18 @@ class LanguageModel:
                 raise _Stop
 
         try:
-            generate(self.model, [ids], max_new_tokens=budget, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                     temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, generator=generator,
-                     on_tokens=on_tokens)
+            generate(
+                self.model,
+                [ids],
+                max_new_tokens=budget,
+                eos_id=tok.eos_id,
+                pad_id=tok.pad_id,
+                temperature=s.temperature,
+                top_k=s.top_k,
+                top_p=s.top_p,
+                generator=generator,
+                on_tokens=on_tokens,
+            )
         except _Stop:
             pass
         response = stream.finish()

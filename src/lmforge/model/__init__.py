@@ -2,7 +2,8 @@
 
 from lmforge.model.generation import GenerationOutput, filter_logits, generate, sample_from_logits
 from lmforge.model.heads import CausalLM, ScalarModel, gather_last, last_token_index
-from lmforge.model.transformer import KVCache, ModelConfig, ModelConfigError, Transformer
+from lmforge.model.kv_cache import KVCache
+from lmforge.model.transformer import ModelConfig, ModelConfigError, Transformer
 
 __all__ = [
     "CausalLM",

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from lmforge.model.heads import CausalLM
-from lmforge.model.transformer import KVCache
+from lmforge.model.kv_cache import KVCache
 
 
 @dataclass

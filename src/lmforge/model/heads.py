@@ -35,9 +35,17 @@ class CausalLM(nn.Module):
     def lm_head_weight(self) -> Tensor:
         return self.backbone.wte.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward(self, idx: Tensor, *, last_only: bool = False, columns: slice | None = None,
-                return_hidden: bool = False, targets: Tensor | None = None, loss_chunk: int = 256,
-                **backbone_kwargs) -> Tensor | tuple[Tensor, Tensor]:
+    def forward(
+        self,
+        idx: Tensor,
+        *,
+        last_only: bool = False,
+        columns: slice | None = None,
+        return_hidden: bool = False,
+        targets: Tensor | None = None,
+        loss_chunk: int = 256,
+        **backbone_kwargs,
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """idx (B, T) -> logits (B, T, vocab_size) in the compute dtype.
 
         last_only: logits of the last position only, (B, 1, vocab_size) -- generation needs

@@ -74,5 +74,6 @@ def lm_loss_sum(hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> 
     if chunk > 0:
         return chunked_cross_entropy_sum(hidden, weight, targets, chunk)
     logits = torch.nn.functional.linear(hidden, weight).float()
-    return torch.nn.functional.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=IGNORE_INDEX,
-                                             reduction="sum")
+    return torch.nn.functional.cross_entropy(
+        logits.flatten(0, -2), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )

@@ -95,9 +95,17 @@ def _source_configs(cfg) -> list[dict]:
         entries.append({"ckpt": str(cfg.get("model")), "weight": 1.0, "normalize": True, "name": None, "args": {}})
     for i, s in enumerate(cfg.get("sources") or []):
         s = {k: s[k] for k in s}
-        entries.append({"ckpt": s.get("ckpt"), "_target_": s.get("_target_"), "args": dict(s.get("args") or {}),
-                        "weight": float(s.get("weight", 1.0)), "normalize": bool(s.get("normalize", True)),
-                        "name": s.get("name"), "index": i})
+        entries.append(
+            {
+                "ckpt": s.get("ckpt"),
+                "_target_": s.get("_target_"),
+                "args": dict(s.get("args") or {}),
+                "weight": float(s.get("weight", 1.0)),
+                "normalize": bool(s.get("normalize", True)),
+                "name": s.get("name"),
+                "index": i,
+            }
+        )
     return entries
 
 
@@ -121,8 +129,9 @@ def build_reward(cfg, tokenizer=None, micro_batch_size: int = 32) -> RewardFunct
         if e.get("ckpt"):
             k_rm += 1
             name = e["name"] or ("rm" if n_rm == 1 else f"rm_{k_rm}")
-            source: RewardSource = RewardModelSource(e["ckpt"], tokenizer=tokenizer, normalize=e["normalize"],
-                                                     name=name, micro_batch_size=micro_batch_size)
+            source: RewardSource = RewardModelSource(
+                e["ckpt"], tokenizer=tokenizer, normalize=e["normalize"], name=name, micro_batch_size=micro_batch_size
+            )
         else:
             source = CallableSource(resolve_callable(e["_target_"], e["args"]), name=e["name"])
         sources.append((source, e["weight"]))

@@ -51,8 +51,15 @@ def load_reward_model(path: str | Path, what: str = "reward model") -> tuple[Sca
 class RewardModelSource:
     """A reward model scoring prompt + response, optionally normalized by its reward_stats."""
 
-    def __init__(self, path: str | Path, *, tokenizer=None, normalize: bool = True, name: str | None = None,
-                 micro_batch_size: int = 32):
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        tokenizer=None,
+        normalize: bool = True,
+        name: str | None = None,
+        micro_batch_size: int = 32,
+    ):
         self.path = str(path)
         self.model, ckpt = load_reward_model(path, what=f"algo.reward ckpt {name or ''}".strip())
         self.tokenizer = ckpt.tokenizer

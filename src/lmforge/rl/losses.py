@@ -137,9 +137,7 @@ def _per_token(adv: Tensor, like: Tensor) -> Tensor:
     return adv.unsqueeze(-1) if adv.dim() == like.dim() - 1 else adv
 
 
-def _clipped_surrogate(
-    logp: Tensor, old_logp: Tensor, advantages: Tensor, clip_eps: float
-) -> tuple[Tensor, Tensor]:
+def _clipped_surrogate(logp: Tensor, old_logp: Tensor, advantages: Tensor, clip_eps: float) -> tuple[Tensor, Tensor]:
     """Per-token PPO loss ``max(-A r, -A clip(r))`` and where the clipped branch wins."""
     ratio = torch.exp(logp - old_logp.detach())
     unclipped = -advantages * ratio
@@ -158,8 +156,13 @@ def ratio_stats(logp: Tensor, old_logp: Tensor, mask: Tensor, norm: LossNorm | N
 
 
 def ppo_policy_loss(
-    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float = 0.2,
-    agg: str = "token-mean", norm: LossNorm | None = None,
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_eps: float = 0.2,
+    agg: str = "token-mean",
+    norm: LossNorm | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate (Schulman et al., 2017), aggregated by ``agg`` (default: token mean).
 
@@ -175,7 +178,11 @@ def ppo_policy_loss(
 
 
 def value_loss(
-    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_eps: float | None = 0.2,
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    clip_eps: float | None = 0.2,
     norm: LossNorm | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped value loss ``0.5 * mean(max((v - R)^2, (clip(v, old +- eps) - R)^2))``, a token
@@ -199,8 +206,9 @@ def value_loss(
     return loss, stats
 
 
-def policy_gradient_loss(logp: Tensor, advantages: Tensor, mask: Tensor, agg: str = "token-mean",
-                         norm: LossNorm | None = None) -> Tensor:
+def policy_gradient_loss(
+    logp: Tensor, advantages: Tensor, mask: Tensor, agg: str = "token-mean", norm: LossNorm | None = None
+) -> Tensor:
     """REINFORCE / RLOO loss ``-A * logp`` aggregated by ``agg`` (default: token mean);
     ``advantages`` (B,) or (B, T). On-policy only: no importance ratio."""
     return aggregate(-_per_token(advantages, logp) * logp, mask, agg, norm)

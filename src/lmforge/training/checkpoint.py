@@ -86,8 +86,20 @@ def submodule_state(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[st
 def check_compatible(ckpt: StageCheckpoint, model_cfg: ModelConfig, what: str = "init_from") -> None:
     """Refuse, naming every differing field, a checkpoint whose shape differs from the config."""
     a, b = asdict(ckpt.model_config), asdict(model_cfg)
-    shape_keys = ("n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "vocab_size", "norm", "pos",
-                  "activation", "bias", "qkv_bias", "tie_embeddings")
+    shape_keys = (
+        "n_layer",
+        "n_head",
+        "n_kv_head",
+        "d_model",
+        "d_ff",
+        "vocab_size",
+        "norm",
+        "pos",
+        "activation",
+        "bias",
+        "qkv_bias",
+        "tie_embeddings",
+    )
     diffs = [f"model.{k}: checkpoint {a[k]!r} vs config {b[k]!r}" for k in shape_keys if a[k] != b[k]]
     if diffs:
         raise CheckpointError(
@@ -131,9 +143,20 @@ def require_stage(ckpt: StageCheckpoint, allowed: Iterable[str], what: str) -> N
 
 
 # Settings that decide which samples a step reads: resuming with others changes the data order.
-DATA_ORDER_KEYS = ("seed", "algo.batch_size", "algo.seq_len", "algo.rollout_batch_size",
-                   "trainer.accumulate_grad_batches", "data.source", "data.seed", "data.n_docs", "data.path",
-                   "data.paths", "data.db", "data.val_fraction")
+DATA_ORDER_KEYS = (
+    "seed",
+    "algo.batch_size",
+    "algo.seq_len",
+    "algo.rollout_batch_size",
+    "trainer.accumulate_grad_batches",
+    "data.source",
+    "data.seed",
+    "data.n_docs",
+    "data.path",
+    "data.paths",
+    "data.db",
+    "data.val_fraction",
+)
 
 
 def _get(cfg: dict, dotted: str) -> Any:

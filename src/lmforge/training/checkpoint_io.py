@@ -139,8 +139,10 @@ def probe_checkpoint(path: str | os.PathLike, verify_data: bool = False) -> Chec
         raise CheckpointError(f"{path}: not a lmforge checkpoint (no 'lmforge' metadata entry)")
     missing = [k for k in ("state_dict", "global_step", "loops", "optimizer_states") if k not in raw]
     if missing:
-        raise CheckpointError(f"{path}: cannot resume training from it (no {', '.join(missing)}: a weights-only "
-                              "checkpoint); use it as init_from instead")
+        raise CheckpointError(
+            f"{path}: cannot resume training from it (no {', '.join(missing)}: a weights-only "
+            "checkpoint); use it as init_from instead"
+        )
     if verify_data and path.stat().st_size < VERIFY_CRC_BELOW:
         try:
             with zipfile.ZipFile(path) as zf:
@@ -160,8 +162,9 @@ def checkpoint_candidates(run_dir: str | os.PathLike) -> list[Path]:
     return sorted(p for p in found if p.is_file())
 
 
-def newest_valid_checkpoint(run_dir: str | os.PathLike, say: Callable[[str], None] | None = None
-                            ) -> CheckpointInfo | None:
+def newest_valid_checkpoint(
+    run_dir: str | os.PathLike, say: Callable[[str], None] | None = None
+) -> CheckpointInfo | None:
     """The valid checkpoint of the run folder with the highest step (the newest file on a tie).
 
     Damaged or truncated ones are skipped, each with a message; the chosen one's stored

@@ -106,6 +106,9 @@ def fit_warnings(resuming: bool) -> Iterator[None]:
         if resuming:
             # A resumed run writes into the folder that holds the checkpoint it resumes from;
             # Lightning's ModelCheckpoint warns about any non-empty folder without knowing that.
-            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty",
-                                    module=r"lightning\.pytorch\.callbacks\.model_checkpoint")
+            warnings.filterwarnings(
+                "ignore",
+                message=r"Checkpoint directory .* exists and is not empty",
+                module=r"lightning\.pytorch\.callbacks\.model_checkpoint",
+            )
         yield

@@ -81,9 +81,21 @@ def _hydra_job() -> Any | None:
 
 _LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
 # Hydra overrides of the parent a child must not repeat: it runs one job, in the parent's folder.
-_NOT_FOR_CHILDREN = ("hydra.run", "hydra.sweep", "hydra.mode", "hydra.launcher", "hydra/launcher",
-                     "hydra.sweeper", "hydra/sweeper", "hydra.output_subdir", "hydra.job.name",
-                     "hydra.job_logging", "hydra/job_logging", "hydra.job.num", "hydra.job.id")
+_NOT_FOR_CHILDREN = (
+    "hydra.run",
+    "hydra.sweep",
+    "hydra.mode",
+    "hydra.launcher",
+    "hydra/launcher",
+    "hydra.sweeper",
+    "hydra/sweeper",
+    "hydra.output_subdir",
+    "hydra.job.name",
+    "hydra.job_logging",
+    "hydra/job_logging",
+    "hydra.job.num",
+    "hydra.job.id",
+)
 
 
 class HydraJobLauncher(_SubprocessScriptLauncher):

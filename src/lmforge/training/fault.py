@@ -83,12 +83,14 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"].cpu())
     random.setstate(_as_tuple(state["python"]))
     n = state["numpy"]
-    np.random.set_state({
-        "bit_generator": n["bit_generator"],
-        "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
-        "has_gauss": n["has_gauss"],
-        "gauss": n["gauss"],
-    })
+    np.random.set_state(
+        {
+            "bit_generator": n["bit_generator"],
+            "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+            "has_gauss": n["has_gauss"],
+            "gauss": n["gauss"],
+        }
+    )
     cuda = state.get("cuda")
     if cuda is not None and torch.cuda.is_available():
         if len(cuda) == torch.cuda.device_count():
@@ -204,9 +206,7 @@ class PeriodicCheckpoint(Checkpoint):
         except OSError:
             shutil.copyfile(self.last_path, tmp)
         os.replace(tmp, dest)
-        steps = sorted(
-            (int(m.group(1)), p) for p in self.dirpath.iterdir() if (m := STEP_PATTERN.match(p.name))
-        )
+        steps = sorted((int(m.group(1)), p) for p in self.dirpath.iterdir() if (m := STEP_PATTERN.match(p.name)))
         for _, old in steps[: max(0, len(steps) - self.keep_last)]:
             old.unlink(missing_ok=True)
 
@@ -236,8 +236,11 @@ class PeriodicCheckpoint(Checkpoint):
         accumulation that would checkpoint half an optimizer step (accumulated gradients are not
         saved), so with accumulation the signal is held (Lightning's handler runs, then its flag
         is taken back) and re-raised at the end of the next accumulation's last micro-batch."""
-        if (trainer.accumulate_grad_batches <= 1 or trainer.world_size > 1
-                or threading.current_thread() is not threading.main_thread()):
+        if (
+            trainer.accumulate_grad_batches <= 1
+            or trainer.world_size > 1
+            or threading.current_thread() is not threading.main_thread()
+        ):
             return  # several ranks must agree: there Lightning broadcasts the flag itself
         conn = trainer._signal_connector
         lightning_handler = signal.getsignal(signal.SIGTERM)
@@ -373,8 +376,9 @@ class NonFiniteGuard(L.Callback):
 # ============================================================================ PPO collapse
 
 
-def collapse_warning(entropy: float, kl: float, *, min_entropy: float = 0.05, max_kl: float = 20.0,
-                     step: int | None = None) -> str | None:
+def collapse_warning(
+    entropy: float, kl: float, *, min_entropy: float = 0.05, max_kl: float = 20.0, step: int | None = None
+) -> str | None:
     """Warn (and return the message) when a policy is collapsing: mean per-token entropy near zero
     (it always says the same thing) or the KL to the reference exploding (it left the language
     model behind). `entropy` in nats per token, `kl` in nats per sequence; None when healthy."""
@@ -382,16 +386,24 @@ def collapse_warning(entropy: float, kl: float, *, min_entropy: float = 0.05, ma
     at = f"step {step}: " if step is not None else ""
     problems = []
     if not math.isfinite(entropy) or entropy < min_entropy:
-        problems.append(f"policy entropy {entropy:.3g} nats/token is below {min_entropy:g}: the policy is "
-                        "collapsing to deterministic outputs")
+        problems.append(
+            f"policy entropy {entropy:.3g} nats/token is below {min_entropy:g}: the policy is "
+            "collapsing to deterministic outputs"
+        )
     if not math.isfinite(kl) or kl > max_kl:
-        problems.append(f"KL to the reference {kl:.3g} nats exceeds {max_kl:g}: the policy is drifting away "
-                        "from the language model (reward hacking?)")
+        problems.append(
+            f"KL to the reference {kl:.3g} nats exceeds {max_kl:g}: the policy is drifting away "
+            "from the language model (reward hacking?)"
+        )
     if not problems:
         return None
-    msg = at + "; ".join(problems) + (
-        ". Consider a lower algo.optim.lr, a higher algo.kl_coef (or algo.adaptive_kl=true), "
-        "a positive algo.ent_coef, or stopping at an earlier checkpoint."
+    msg = (
+        at
+        + "; ".join(problems)
+        + (
+            ". Consider a lower algo.optim.lr, a higher algo.kl_coef (or algo.adaptive_kl=true), "
+            "a positive algo.ent_coef, or stopping at an earlier checkpoint."
+        )
     )
     rank_zero_warn(msg)
     return msg

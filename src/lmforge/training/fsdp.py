@@ -121,7 +121,9 @@ class LmforgeFSDPStrategy(_LmforgeParallel, ModelParallelStrategy):
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         for optimizer, native in zip(self.optimizers, checkpoint.get("optimizer_states", [])):
             set_optimizer_state_dict(
-                self.model, optimizer, optim_state_dict=native_to_fqn_optim_state(native, optimizer, self.model),
+                self.model,
+                optimizer,
+                optim_state_dict=native_to_fqn_optim_state(native, optimizer, self.model),
                 options=options,
             )
         return checkpoint
@@ -187,10 +189,14 @@ def fsdp_policies(cfg: StrategyConfig, precision: str, device_type: str) -> dict
     if mp == "auto":
         mp = "bf16" if device_type == "cuda" and precision.startswith("bf16") else "none"
     kwargs: dict[str, Any] = {
-        "mp_policy": (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-                      if mp == "bf16" else MixedPrecisionPolicy()),
-        "offload_policy": (CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
-                           if cfg.cpu_offload else OffloadPolicy()),
+        "mp_policy": (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if mp == "bf16"
+            else MixedPrecisionPolicy()
+        ),
+        "offload_policy": (
+            CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cfg.cpu_offload else OffloadPolicy()
+        ),
     }
     return kwargs
 
@@ -228,7 +234,7 @@ def shard_models(module: nn.Module, mesh, cfg: StrategyConfig, precision: str = 
     # Trainable parameters outside the stage models (e.g. a value head on the module itself)
     # need their gradients reduced too: shard their sub-modules as units of their own.
     covered = {id(p) for m in roots for p in m.parameters()}
-    for name, child in module.named_children():
+    for child in module.children():
         if isinstance(child, FSDPModule) and child not in roots:
             continue
         loose = [p for p in child.parameters() if p.requires_grad and id(p) not in covered]
@@ -296,8 +302,9 @@ def gathered_for_generation(module: nn.Module) -> Iterator[nn.Module]:
     saved = []
     for unit in units:
         state = unit._get_fsdp_state()
-        saved.append((state, state._auto_reshard_after_forward,
-                      [g.post_forward_mesh_info for g in state._fsdp_param_groups]))
+        saved.append(
+            (state, state._auto_reshard_after_forward, [g.post_forward_mesh_info for g in state._fsdp_param_groups])
+        )
         unit.set_reshard_after_forward(False, recurse=False)
     handles = [unit.unshard(async_op=True) for unit in units]
     for handle in handles:

@@ -69,8 +69,7 @@ class ClippingMixedPrecision(MixedPrecision):
         self.scaler.update()
         return step_output
 
-    def clip_gradients(self, optimizer: Optimizer, clip_val: int | float = 0.0,
-                       gradient_clip_algorithm=None) -> None:
+    def clip_gradients(self, optimizer: Optimizer, clip_val: int | float = 0.0, gradient_clip_algorithm=None) -> None:
         from lightning.pytorch.utilities import GradClipAlgorithmType
 
         if clip_val > 0 and self.scaler is not None:
@@ -106,9 +105,13 @@ def mixed_precision_plugin(precision: str, accelerator: str, strategy: str = "si
         return None
     device = autocast_device(accelerator)
     if precision == "16-mixed" and strategy == "fsdp":
-        raise PrecisionError("trainer.precision=16-mixed is not supported with strategy=fsdp (FSDP2 has no "
-                             "loss scaler here): use trainer.precision=bf16-mixed")
+        raise PrecisionError(
+            "trainer.precision=16-mixed is not supported with strategy=fsdp (FSDP2 has no "
+            "loss scaler here): use trainer.precision=bf16-mixed"
+        )
     if precision == "16-mixed" and device == "cpu":
-        raise PrecisionError("trainer.precision=16-mixed needs a GPU (fp16 loss scaling on a CPU is not "
-                             "supported here): use trainer.precision=bf16-mixed, which needs no loss scaling")
+        raise PrecisionError(
+            "trainer.precision=16-mixed needs a GPU (fp16 loss scaling on a CPU is not "
+            "supported here): use trainer.precision=bf16-mixed, which needs no loss scaling"
+        )
     return ClippingMixedPrecision(precision, device)

@@ -120,8 +120,10 @@ class StepProgress(ProgressBar):
         return out
 
     def status(self, trainer, pl_module) -> str:
-        parts = [f"{k} {_fmt_num(float(v)) if isinstance(v, (int, float)) else v}"
-                 for k, v in self.train_metrics(trainer, pl_module).items()]
+        parts = [
+            f"{k} {_fmt_num(float(v)) if isinstance(v, (int, float)) else v}"
+            for k, v in self.train_metrics(trainer, pl_module).items()
+        ]
         r = self.rates(trainer, pl_module)
         if "rollouts_per_s" in r:
             parts.append(f"{_fmt_num(r['rollouts_per_s'])} rollouts/s")
@@ -167,16 +169,18 @@ class PlainProgress(StepProgress):
             return
         vals = self.val_metrics(trainer)
         if vals:
-            self._emit(f"val @ step {trainer.global_step} | "
-                       + " ".join(f"{k} {_fmt_num(v)}" for k, v in sorted(vals.items())))
+            self._emit(
+                f"val @ step {trainer.global_step} | " + " ".join(f"{k} {_fmt_num(v)}" for k, v in sorted(vals.items()))
+            )
 
     def on_train_end(self, trainer, pl_module) -> None:
         if not self._enabled or self._t_start is None:
             return
         steps = trainer.global_step - self._step_start
         wall = time.perf_counter() - self._t_start
-        self._emit(f"trained {steps} steps in {_fmt_time(wall)}"
-                   + (f" ({_fmt_num(wall / steps)} s/step)" if steps > 0 else ""))
+        self._emit(
+            f"trained {steps} steps in {_fmt_time(wall)}" + (f" ({_fmt_num(wall / steps)} s/step)" if steps > 0 else "")
+        )
 
 
 class RichProgress(StepProgress):
@@ -194,9 +198,13 @@ class RichProgress(StepProgress):
 
         total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
         self._progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
+            TextColumn("[bold]{task.description}"),
+            BarColumn(bar_width=24),
+            MofNCompleteColumn(),
             TextColumn("{task.fields[status]}"),
-            console=Console(stderr=True), refresh_per_second=4, transient=False,
+            console=Console(stderr=True),
+            refresh_per_second=4,
+            transient=False,
         )
         self._progress.start()
         self._task = self._progress.add_task("train", total=total, completed=trainer.global_step, status="")
@@ -231,8 +239,9 @@ class RichProgress(StepProgress):
         self._mark(trainer, pl_module)
         if trainer.global_step != self._shown_step:
             self._shown_step = trainer.global_step
-            self._progress.update(self._task, completed=trainer.global_step, description="train",
-                                  status=self.status(trainer, pl_module))
+            self._progress.update(
+                self._task, completed=trainer.global_step, description="train", status=self.status(trainer, pl_module)
+            )
 
     def on_validation_start(self, trainer, pl_module) -> None:
         if self._progress is not None and not trainer.sanity_checking:
@@ -244,8 +253,9 @@ class RichProgress(StepProgress):
         self._progress.update(self._task, description="train")
         vals = self.val_metrics(trainer)
         if vals:
-            self._progress.console.print(f"val @ step {trainer.global_step}: "
-                                         + " ".join(f"{k} {_fmt_num(v)}" for k, v in sorted(vals.items())))
+            self._progress.console.print(
+                f"val @ step {trainer.global_step}: " + " ".join(f"{k} {_fmt_num(v)}" for k, v in sorted(vals.items()))
+            )
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._stop()

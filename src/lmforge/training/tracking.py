@@ -123,8 +123,11 @@ def hydra_runtime() -> dict[str, Any]:
 def config_choices(hydra: dict | None = None) -> dict[str, str]:
     """The config groups chosen for this run (model=tiny, algo=ppo, ...), without Hydra's own."""
     hydra = hydra_runtime() if hydra is None else hydra
-    return {k: v for k, v in (hydra.get("choices") or {}).items()
-            if v is not None and not any(k == g or k.startswith(g + "/") for g in _NOT_IDENTITY)}
+    return {
+        k: v
+        for k, v in (hydra.get("choices") or {}).items()
+        if v is not None and not any(k == g or k.startswith(g + "/") for g in _NOT_IDENTITY)
+    }
 
 
 def run_name(cfg, when: float | None = None) -> str:
@@ -160,8 +163,9 @@ def git_info(path: str | os.PathLike | None = None) -> dict[str, Any]:
     where = Path(path) if path else Path(__file__).resolve().parent
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(where), *args], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
 
     try:
         commit = git("rev-parse", "HEAD")
@@ -278,8 +282,9 @@ def _csv_rows_before(path: Path, step: int) -> tuple[list[dict], list[str]]:
     return rows, keys
 
 
-def build_loggers(logger_cfg, run_dir: Path, run_name: str | None = None, *, cfg=None,
-                  resume_from: str | os.PathLike | None = None) -> list[Logger]:
+def build_loggers(
+    logger_cfg, run_dir: Path, run_name: str | None = None, *, cfg=None, resume_from: str | os.PathLike | None = None
+) -> list[Logger]:
     """The loggers `logger_cfg` (cfg.logger) asks for, writing into run_dir. With the full `cfg`
     the W&B run gets its identity (group, job type, tags); with `resume_from` (a checkpoint) every
     logger continues the run that checkpoint belongs to."""
@@ -289,16 +294,22 @@ def build_loggers(logger_cfg, run_dir: Path, run_name: str | None = None, *, cfg
     run_dir = Path(run_dir)
     state = read_resume_state(resume_from) if resume_from else None
     if "csv" in logger_cfg:
-        loggers.append(ResumableCSVLogger(
-            save_dir=str(run_dir), name="csv", version="",
-            flush_logs_every_n_steps=logger_cfg.csv.flush_logs_every_n_steps,
-            keep_below_step=state.global_step if state else None))
+        loggers.append(
+            ResumableCSVLogger(
+                save_dir=str(run_dir),
+                name="csv",
+                version="",
+                flush_logs_every_n_steps=logger_cfg.csv.flush_logs_every_n_steps,
+                keep_below_step=state.global_step if state else None,
+            )
+        )
     if "tensorboard" in logger_cfg:
         # No hp_metric (a scalar the other loggers do not have); purge_step hides the events a
         # killed run logged after the checkpoint this run resumes from.
         extra = {"purge_step": state.global_step} if state else {}
-        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="",
-                                         default_hp_metric=False, **extra))
+        loggers.append(
+            TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False, **extra)
+        )
     if "wandb" in logger_cfg:
         wb = _build_wandb(logger_cfg.wandb, run_dir, run_name, cfg, state)
         if wb is not None:
@@ -323,12 +334,20 @@ def _build_wandb(w, run_dir: Path, name: str | None, cfg, state: ResumeState | N
     tags = run_tags(cfg, hydra) if cfg is not None else list(w.tags)
     job_type = w.job_type or (cfg.algo.name if cfg is not None else None)
     run_id = prev.get("id") or (new_run_id() if rank_zero_only.rank == 0 else None)
-    settings = wandb.Settings(init_timeout=float(w.init_timeout), finish_timeout=float(w.finish_timeout),
-                              silent=True)
+    settings = wandb.Settings(init_timeout=float(w.init_timeout), finish_timeout=float(w.finish_timeout), silent=True)
     logger = LmforgeWandbLogger(
-        name=name, project=w.project, entity=w.entity, group=group, job_type=job_type, tags=tags,
-        id=run_id, save_dir=str(run_dir), mode=mode, settings=settings,
-        max_table_rows=w.max_table_rows, log_checkpoints=w.log_model,
+        name=name,
+        project=w.project,
+        entity=w.entity,
+        group=group,
+        job_type=job_type,
+        tags=tags,
+        id=run_id,
+        save_dir=str(run_dir),
+        mode=mode,
+        settings=settings,
+        max_table_rows=w.max_table_rows,
+        log_checkpoints=w.log_model,
         artifact_name=f"{job_type or 'model'}-{run_id}" if run_id else None,
         resume_step=int(prev.get("step", -1)) if prev else -1,
     )
@@ -336,8 +355,12 @@ def _build_wandb(w, run_dir: Path, name: str | None, cfg, state: ResumeState | N
         if prev.get("id"):
             log.info("W&B: resuming run %s (%s) after step %s", prev["id"], name, prev.get("step"))
         if mode == "offline":
-            log.info("W&B offline%s: run %s in %s", "" if wandb_has_credentials() else " (no credentials)",
-                     run_id, run_dir / "wandb")
+            log.info(
+                "W&B offline%s: run %s in %s",
+                "" if wandb_has_credentials() else " (no credentials)",
+                run_id,
+                run_dir / "wandb",
+            )
     return logger
 
 
@@ -371,8 +394,14 @@ def write_run_summary(run_dir: str | os.PathLike, result: dict[str, Any]) -> Pat
     with contextlib.suppress(OSError, ValueError):
         old = json.loads(path.read_text())
     attempts = list(old.get("attempts") or [])
-    attempts.append({"wall_s": result.get("wall_s"), "global_step": result.get("global_step"),
-                     "preempted": result.get("preempted", False), "ended": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    attempts.append(
+        {
+            "wall_s": result.get("wall_s"),
+            "global_step": result.get("global_step"),
+            "preempted": result.get("preempted", False),
+            "ended": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+    )
     out = {**result, "attempts": attempts, "wall_s_total": round(sum(a.get("wall_s") or 0 for a in attempts), 1)}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(out, indent=2, default=str))
@@ -445,8 +474,12 @@ def log_text_samples(trainer, key: str, rows: list[dict[str, Any]]) -> None:
             lg.log_samples(key, rows)
         elif isinstance(lg, WandbLogger):
             cols = list(rows[0].keys())
-            lg.log_text(key=key, columns=cols, data=[[table_cell(r.get(c)) for c in cols] for r in rows],
-                        step=trainer.global_step)
+            lg.log_text(
+                key=key,
+                columns=cols,
+                data=[[table_cell(r.get(c)) for c in cols] for r in rows],
+                step=trainer.global_step,
+            )
         elif isinstance(lg, TensorBoardLogger):
             with contextlib.suppress(Exception):
                 lg.experiment.add_text(key, _markdown_table(rows), global_step=trainer.global_step)

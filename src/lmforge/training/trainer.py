@@ -67,8 +67,9 @@ def checkpoint_plugins() -> list:
     return plugins
 
 
-def build_trainer(cfg, run_dir: Path, loggers: list, module: L.LightningModule,
-                  extra_callbacks: list | None = None) -> L.Trainer:
+def build_trainer(
+    cfg, run_dir: Path, loggers: list, module: L.LightningModule, extra_callbacks: list | None = None
+) -> L.Trainer:
     """A Trainer for `module`: its `checkpoint_monitor` (metric, mode) picks the best checkpoint;
     gradient clipping is Lightning's under automatic optimization, the module's own otherwise."""
     from lmforge.training.fault import NonFiniteGuard, PeriodicCheckpoint, RNGState
@@ -83,8 +84,15 @@ def build_trainer(cfg, run_dir: Path, loggers: list, module: L.LightningModule,
     mixed = mixed_precision_plugin(precision, t.accelerator, cfg.strategy.name)
     callbacks = [
         # best.ckpt; last.ckpt is PeriodicCheckpoint's (written at every validation, not only on improvement)
-        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode,
-                        save_top_k=1, save_last=False, auto_insert_metric_name=False),
+        ModelCheckpoint(
+            dirpath=ckpt_dir,
+            filename="best",
+            monitor=monitor,
+            mode=mode,
+            save_top_k=1,
+            save_last=False,
+            auto_insert_metric_name=False,
+        ),
         PeriodicCheckpoint(ckpt_dir, every_minutes=t.checkpoint_every_minutes, keep_last=t.keep_last),
         RNGState(),
         NonFiniteGuard(max_bad_steps=t.max_bad_steps, checkpoint_dir=ckpt_dir),

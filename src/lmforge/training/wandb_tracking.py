@@ -120,8 +120,15 @@ class LmforgeWandbLogger(WandbLogger):
     continues its axis and never logs a step twice or backwards), bounded sample tables, an
     offline fallback when an online init fails, and checkpoints logged with their lineage."""
 
-    def __init__(self, *, max_table_rows: int = 100, resume_step: int = -1, log_checkpoints: bool = False,
-                 artifact_name: str | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        *,
+        max_table_rows: int = 100,
+        resume_step: int = -1,
+        log_checkpoints: bool = False,
+        artifact_name: str | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(log_model=False, **kwargs)
         if self._wandb_init.get("anonymous") is None:
             # Lightning passes anonymous=None, which wandb >= 0.19 answers with a deprecation warning.
@@ -143,8 +150,11 @@ class LmforgeWandbLogger(WandbLogger):
             except Exception as e:  # noqa: BLE001 - network, auth or timeout: keep training, log offline
                 if self._wandb_init.get("mode") in ("offline", "disabled"):
                     raise
-                log.warning("W&B: online init failed (%s: %s); logging offline instead",
-                            type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+                log.warning(
+                    "W&B: online init failed (%s: %s); logging offline instead",
+                    type(e).__name__,
+                    str(e).splitlines()[0][:200] if str(e) else "",
+                )
                 self._wandb_init["mode"] = "offline"
                 self._experiment = None
                 import wandb
@@ -164,9 +174,14 @@ class LmforgeWandbLogger(WandbLogger):
 
     def tracking_state(self) -> dict[str, Any]:
         """The checkpoint entry a resumed run reads back (see read_resume_state)."""
-        return {"id": self.version, "name": self._wandb_init.get("name"), "group": self._wandb_init.get("group"),
-                "project": self._wandb_init.get("project"), "step": self._last_step,
-                "artifact": self.artifact_name}
+        return {
+            "id": self.version,
+            "name": self._wandb_init.get("name"),
+            "group": self._wandb_init.get("group"),
+            "project": self._wandb_init.get("project"),
+            "step": self._last_step,
+            "artifact": self.artifact_name,
+        }
 
     @rank_zero_only
     def log_metrics(self, metrics, step: Optional[int] = None) -> None:
@@ -236,8 +251,12 @@ class LmforgeWandbLogger(WandbLogger):
         for f in files:
             artifact.add_file(str(f), name=f.name)
         self.experiment.log_artifact(artifact, aliases=["latest", f"step-{trainer.global_step}"])
-        log.info("W&B: logged %s as artifact %s (lineage: %s)", ", ".join(f.name for f in files),
-                 self.artifact_name, ", ".join(f"{k}={v}" for k, v in lineage.items()) or "none")
+        log.info(
+            "W&B: logged %s as artifact %s (lineage: %s)",
+            ", ".join(f.name for f in files),
+            self.artifact_name,
+            ", ".join(f"{k}={v}" for k, v in lineage.items()) or "none",
+        )
 
 
 def _artifact_name(name: str) -> str:
@@ -356,9 +375,16 @@ def read_wandb_run(path: str | os.PathLike) -> WandbRunFile:
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             r = rec.run
-            out.run = {"id": r.run_id, "name": r.display_name, "group": r.run_group, "job_type": r.job_type,
-                       "tags": list(r.tags), "project": r.project, "resumed": r.resumed,
-                       "starting_step": r.starting_step}
+            out.run = {
+                "id": r.run_id,
+                "name": r.display_name,
+                "group": r.run_group,
+                "job_type": r.job_type,
+                "tags": list(r.tags),
+                "project": r.project,
+                "resumed": r.resumed,
+                "starting_step": r.starting_step,
+            }
             update(out.config, r.config.update)
         elif kind == "config":
             update(out.config, rec.config.update)
@@ -372,9 +398,15 @@ def read_wandb_run(path: str | os.PathLike) -> WandbRunFile:
             update(out.summary, rec.summary.update)
         elif kind == "artifact":
             a = rec.artifact
-            out.artifacts.append({"name": a.name, "type": a.type, "aliases": list(a.aliases),
-                                  "metadata": value(a.metadata) if a.metadata else {},
-                                  "files": [e.path for e in a.manifest.contents]})
+            out.artifacts.append(
+                {
+                    "name": a.name,
+                    "type": a.type,
+                    "aliases": list(a.aliases),
+                    "metadata": value(a.metadata) if a.metadata else {},
+                    "files": [e.path for e in a.manifest.contents],
+                }
+            )
         elif kind == "exit":
             out.exit_code = rec.exit.exit_code
     return out
@@ -384,6 +416,7 @@ def wandb_run_files(run_dir: str | os.PathLike, run_id: str | None = None) -> li
     """The run-*.wandb files under run_dir/wandb (offline and online run folders), oldest first."""
     root = Path(run_dir) / "wandb"
     pattern = f"*run-*-{run_id}/run-{run_id}.wandb" if run_id else "*run-*/run-*.wandb"
+
     def started(p: Path) -> str:  # offline-run-YYYYmmdd_HHMMSS-<id> / run-YYYYmmdd_HHMMSS-<id>
         m = re.search(r"(\d{8}_\d{6})", p.parent.name)
         return m.group(1) if m else p.parent.name

@@ -185,9 +185,7 @@ class SyntheticWorld:
             docs.append(doc)
         return docs
 
-    def preference_pairs(
-        self, n: int, split: str = "train", noise: float = 0.0, seed_offset: int = 0
-    ) -> list[dict]:
+    def preference_pairs(self, n: int, split: str = "train", noise: float = 0.0, seed_offset: int = 0) -> list[dict]:
         """``n`` preference records ``{prompt, chosen, rejected, chosen_score, rejected_score}``.
 
         For each task two distinct candidate responses are judged; ties are skipped.
