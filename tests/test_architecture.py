@@ -21,6 +21,7 @@ SHARED_NAMES = {
     "__init__.py": "package markers",
     "__main__.py": "`python -m lmforge.<package>` entry points",
     "config.py": "a config schema at two layers: the data group's (data/config.py) and the whole run's (config.py)",
+    "winrate.py": "the win rate at two layers: its statistics and referees (eval/winrate.py), its command (winrate.py)",
 }
 
 

@@ -1,13 +1,19 @@
 """Win rate of one policy over another: counting, the bootstrap interval (by hand, against the exact
-bootstrap distribution and the normal approximation), the per-kind split, the referees."""
+bootstrap distribution and the normal approximation), the per-kind split, the referees, and
+`python -m lmforge.winrate` end to end on nano checkpoints."""
 
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+from conftest import ROOT, compose_config
 
 from lmforge.errors import UsageError
 from lmforge.eval.winrate import (
@@ -181,3 +187,126 @@ def test_identical_responses_are_scored_once_so_they_tie():
     a, b = score_pairs(noisy_referee, ["p", "q", "p"], ["x", "y", "x"], ["x", "z", "w"])
     assert calls == [[("p", "x"), ("q", "y"), ("q", "z"), ("p", "w")]]  # distinct pairs, in order
     assert a[0] == b[0] == a[2] and a[1] != b[1]
+
+
+# ============================================================== the command, end to end
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> dict:
+    """Two nano policies with different (untrained) weights and a nano reward model, written as
+    the stages write them; sampling and scoring only need the shapes and the tokenizer."""
+    import torch
+
+    from lmforge.algos.pretrain import PretrainModule
+    from lmforge.algos.reward import RewardModule
+    from lmforge.data.tokenizer import train_tokenizer
+    from lmforge.world.generator import SyntheticWorld
+
+    base = tmp_path_factory.mktemp("winrate-ckpts")
+    tok = train_tokenizer(SyntheticWorld(0).pretrain_documents(300), 512, base / "cache")
+    out = {}
+    for name, algo, seed in (("a", "pretrain", 1), ("b", "pretrain", 2), ("reward", "reward", 1)):
+        torch.manual_seed(seed)
+        cfg = compose_config(
+            ["experiment=smoke", f"algo={algo}", "logger=none", f"data.cache_dir={base / 'cache'}"], run_dir=base / name
+        )
+        module = (PretrainModule if algo == "pretrain" else RewardModule)(cfg, tok)
+        out[name] = base / f"{name}.ckpt"
+        torch.save({"state_dict": module.state_dict(), "lmforge": module.checkpoint_metadata()}, out[name])
+    return out
+
+
+def test_a_checkpoint_against_itself_ties_everywhere(ckpts, capsys):
+    from lmforge.winrate import main
+
+    result = main([f"a={ckpts['a']}", f"b={ckpts['a']}", "prompts=synthetic:test:12"])
+    assert (result["n"], result["wins"], result["ties"], result["losses"]) == (12, 0, 12, 0)
+    assert (result["win_rate"], result["ci_low"], result["ci_high"]) == (0.5, 0.5, 0.5)
+    assert result["mean_score_a"] == result["mean_score_b"] and result["referee"] == "judge"
+    assert sum(k["n"] for k in result["by_kind"].values()) == 12
+    out, err = capsys.readouterr()
+    assert json.loads(out) == result
+    assert err.startswith("A wins 50.0% (ties half; 95% CI 50.0-50.0%) over B on 12 prompts: 0 wins, 12 ties")
+
+
+def test_two_checkpoints_under_a_reward_model(ckpts, tmp_path, capsys):
+    """Sampled responses (temperature 1, two per prompt), scored by the reward model as
+    `lmforge.score` would score them; swapping a and b mirrors the result."""
+    from lmforge.eval.reward_scoring import RewardScorer
+    from lmforge.winrate import main
+
+    common = ["prompts=synthetic:test:8", f"referee={ckpts['reward']}", "temperature=1", "n=2", "max_new_tokens=6"]
+    ab = main([f"a={ckpts['a']}", f"b={ckpts['b']}", *common, f"out={tmp_path / 'ab.json'}"])
+    ba = main([f"a={ckpts['b']}", f"b={ckpts['a']}", *common])
+    capsys.readouterr()
+    assert ab["n"] == 8 and ab["samples_per_prompt"] == 2 and ab["wins"] + ab["ties"] + ab["losses"] == 16
+    assert ab["wins"] > 0 and ab["losses"] > 0  # different weights, real rewards
+    assert (ab["wins"], ab["losses"]) == (ba["losses"], ba["wins"])
+    assert ab["win_rate"] + ba["win_rate"] == pytest.approx(1.0)
+    assert ab["ci_low"] <= ab["win_rate"] <= ab["ci_high"]
+    saved = json.loads((tmp_path / "ab.json").read_text())
+    comparisons = saved.pop("comparisons")
+    assert saved == ab and len(comparisons) == 16
+    assert sum(c["score_a"] > c["score_b"] for c in comparisons) == ab["wins"]
+    scorer = RewardScorer(ckpts["reward"])
+    for c in comparisons[:4]:
+        expected = scorer.score(c["prompt"], c["response_a"].removeprefix(" "))
+        assert c["score_a"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_the_reward_model_referee_renders_as_lmforge_score(ckpts):
+    """The policy writes the response prefix itself (" 5" after "Assistant:"): it is not doubled."""
+    from lmforge.eval.reward_scoring import RewardScorer
+    from lmforge.eval.winrate import make_referee
+
+    referee = make_referee(str(ckpts["reward"]))
+    assert referee.name == str(ckpts["reward"])
+    with_prefix, without = referee(["What is 2 + 3?"] * 2, [" 5", "5"])
+    assert with_prefix == pytest.approx(without, abs=1e-5)
+    assert without == pytest.approx(RewardScorer(ckpts["reward"]).score("What is 2 + 3?", "5"), abs=1e-5)
+
+
+def test_user_errors_are_one_line_with_exit_status_2(ckpts, tmp_path, capsys, monkeypatch):
+    from lmforge.winrate import cli
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["winrate", *args])
+        status = cli()
+        return status, capsys.readouterr().err
+
+    a = f"a={ckpts['a']}"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Tell me a story\n")
+    for args, message in (
+        ((f"a={ckpts['reward']}", f"b={ckpts['a']}"), "error: a: ckpt="),  # a reward model as a policy
+        ((a, f"b={tmp_path / 'missing.ckpt'}"), "b: " + f"{tmp_path / 'missing.ckpt'}: no such checkpoint file"),
+        ((a, f"b={ckpts['a']}", f"referee={ckpts['a']}"), "error: referee: "),  # a policy as the referee
+        ((a, f"b={ckpts['a']}", f"prompts={prompts}"), "referee=judge scores synthetic-world prompts only"),
+        ((a, f"b={ckpts['a']}", "bogus=1"), "unknown option 'bogus'; options: a, b, prompts"),
+        ((a, f"b={ckpts['a']}", "prompts=synthetic:train"), "use synthetic:test or synthetic:val"),
+        ((a, f"b={ckpts['a']}", "n=2"), "set temperature > 0"),
+        ((a,), "give b=<checkpoint>"),
+    ):
+        status, err = run(*args)
+        assert status == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, (args, err)
+    status, err = run(f"a={ckpts['reward']}", f"b={ckpts['a']}")
+    assert "'reward' checkpoint" in err
+
+
+def test_the_command_line(ckpts):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+
+    def winrate(*args):
+        cmd = [sys.executable, "-m", "lmforge.winrate", *args]
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+    proc = winrate("--help")
+    assert proc.returncode == 0 and proc.stdout.startswith("Held-out win rate of one checkpoint over another")
+    proc = winrate(f"a={ckpts['a']}", f"b={ckpts['b']}", "prompts=synthetic:val:5", "max_new_tokens=4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["n"] == 5 and result["prompts"] == "synthetic:val:5"
+    assert proc.stderr.strip().splitlines()[-1].startswith("A wins ")
+    proc = winrate(f"a={ckpts['a']}", f"b={ckpts['b']}", "temperature=oops")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and not proc.stdout
