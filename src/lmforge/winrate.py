@@ -1,6 +1,6 @@
 """Held-out win rate of one checkpoint over another, as the world's judge or a reward model sees it.
 
-    python -m lmforge.winrate a=<ppo.ckpt> b=<sft.ckpt>                  # judge, 160 held-out test prompts
+    python -m lmforge.winrate a=<ppo.ckpt> b=<sft.ckpt>                  # judge, all held-out test prompts
     python -m lmforge.winrate a=<ckpt> b=<ckpt> prompts=synthetic:test:128 referee=<reward.ckpt>
     python -m lmforge.winrate a=<ckpt> b=<ckpt> prompts=prompts.jsonl referee=<reward.ckpt> out=results.json
 
@@ -12,7 +12,7 @@ win_rate, ci_low, ci_high, mean_score_a, mean_score_b, by_kind, ...}, where win_
 bootstrap over prompts (`resamples` resamples, seeded by `seed`; lmforge.eval.winrate says why);
 and a one-line summary on stderr. by_kind: the same per task kind for synthetic prompts.
 
-* prompts: synthetic:test[:N] (default: all 160 test prompts; the first N are the ones the SFT
+* prompts: synthetic:test[:N] (default: all the world's test prompts; the first N are the ones the SFT
   and RL stages evaluate on with data.seed=0), synthetic:val[:N], synthetic:N (N random test
   prompts, as `python -m lmforge.generate` draws them), or a .txt / .jsonl file (prompt_field).
 * referee: judge (the synthetic world's ground truth; synthetic prompts only), or the path of a
