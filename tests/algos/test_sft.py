@@ -229,7 +229,7 @@ def test_evaluate_judge_scores_greedy_responses(tok):
 
 
 def test_held_out_prompts_are_distinct_test_prompts():
-    from lmforge.world.tasks import split_of
+    from lmforge.world.splits import split_of
 
     p = held_out_prompts(0, 50)
     assert len(set(p)) == 50 and {split_of(x) for x in p} == {"test"}

@@ -177,7 +177,7 @@ def test_agreement_with_the_noiseless_judge_on_synthetic_pairs(reward_ckpt):
 def test_seen_synthetic_pairs_are_training_prompts_the_run_did_not_train_on(reward_ckpt):
     from lmforge.data.preference_data import synthetic_pairs
     from lmforge.eval.reward_scoring import synthetic_judge_pairs
-    from lmforge.world.tasks import split_of
+    from lmforge.world.splits import split_of
 
     scorer = RewardScorer(reward_ckpt)
     cfg = load_checkpoint(reward_ckpt).meta["config"]["data"]
