@@ -92,6 +92,8 @@ class SyntheticWorld:
             empty = [s for s in WORLD_SPLITS if not self._by_split[s][kind]]
             if empty:  # cannot happen with the embedded world; guards edits to it
                 raise RuntimeError(f"kind {kind!r} has no prompt in split(s) {empty}")
+        # The kinds a split draws from, uniformly: all of them, except in hard (no word kinds).
+        self._drawn_kinds: dict[str, tuple[str, ...]] = dict.fromkeys(WORLD_SPLITS, self.kinds)
 
     def __repr__(self) -> str:
         return f"SyntheticWorld(seed={self.seed}, kinds={list(self.kinds)})"
@@ -106,13 +108,12 @@ class SyntheticWorld:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
         if split not in self._by_split:  # hard: enumerated on first use
-            self._by_split[split] = {
-                kind: [t for t in enumerate_hard(kind) if split_of(t.prompt) == split] for kind in self.kinds
-            }
+            by_kind = {kind: [t for t in enumerate_hard(kind) if split_of(t.prompt) == split] for kind in self.kinds}
+            self._by_split[split] = by_kind
+            self._drawn_kinds[split] = tuple(k for k in self.kinds if by_kind[k])
 
     def _draw(self, rng: random.Random, split: str) -> Task:
-        # Kinds uniformly among those the split has: all of them, except in hard (no word kinds).
-        kinds = [k for k in self.kinds if self._by_split[split][k]]
+        kinds = self._drawn_kinds[split]
         if not kinds:
             raise ValueError(f"split {split!r} has no prompt of the kinds {list(self.kinds)}")
         return rng.choice(self._by_split[split][rng.choice(kinds)])
