@@ -20,8 +20,8 @@ training never showed, and every part of its answer is something training taught
   in their positions and every difference is a training answer (``c - 0``).
 * ``next``: only odd numbers up to 97 are held out, so both neighbours train: the operand ``a``
   is the answer to the training ``next`` of ``a - 1``, and the answer ``a + 1`` the operand of
-  the training ``next`` of ``a + 1``. (An answer above 40 cannot also be the answer to a
-  training task: no other kind reaches it.)
+  the training ``next`` of ``a + 1``. (An answer above 40 is in general the answer to no
+  training task: only ``next`` itself and a few products reach it.)
 * ``reverse``, ``upper``, ``length``: a word has at most one held-out kind, chosen by a hash of
   the word, so a held-out word is in the training prompts of the two other kinds. *Anchor
   words* never have one: for every letter the first word of ``WORDS`` that has it, and for every
