@@ -29,6 +29,7 @@ PANELS: list[tuple[str, list[str]]] = [
     ("Reward model accuracy", ["train/accuracy", "val/accuracy"]),
     ("Reward", ["rollout/reward_mean", "val/reward"]),
     ("Ground-truth score", ["rollout/gt_score", "val/gt_score", "val/judge_score"]),
+    ("Ground-truth score, hard split", ["val_hard/gt_score", "val_hard/judge_score"]),
     ("KL to the reference", ["rollout/kl", "val/kl"]),
     ("Response length (tokens)", ["rollout/response_len", "val/response_len"]),
     ("RL losses", ["train/policy_loss", "train/value_loss"]),

@@ -6,10 +6,11 @@
         one response -> {"reward", "reward_normalized"}
     python -m lmforge.score ckpt=<reward.ckpt> input=responses.jsonl [output=scores.jsonl]
         {prompt, response} records -> each record plus "reward" and "reward_normalized"
-    python -m lmforge.score ckpt=<reward.ckpt> input=synthetic:test[:N]   (or synthetic:seen[:N])
+    python -m lmforge.score ckpt=<reward.ckpt> input=synthetic:test[:N]   (or :hard, :seen)
         agreement with the synthetic world's noiseless judge, overall and per task kind, on N
-        (default 800) pairs of the held-out test prompts, or on new pairs of the training prompts
-        that the checkpoint's run did not train on (its data.seed, n_pairs, annotator_noise)
+        (default 800) pairs of the held-out test prompts; synthetic:hard: of the harder split's
+        prompts (longer numbers, numeric kinds); synthetic:seen: new pairs of the training
+        prompts that the checkpoint's run did not train on (its data.seed, n_pairs, annotator_noise)
 
 Prompts and responses are rendered as the reward model was trained (the checkpoint's
 data.prompt_template and data.response_prefix; HH-style prompts verbatim); raw=true uses them

@@ -276,6 +276,64 @@ def test_reward_stats_measured_on_the_initial_policys_samples(rl_assets, tmp_pat
         torch.testing.assert_close(module.critic(x), (rm.model(x) - rm.mean) / rm.std, atol=1e-5, rtol=1e-5)
 
 
+class FakeTrainer:
+    """What the held-out evaluation reads of a trainer; with `other` (a second rank's sums, in
+    order), reduce adds that rank's value, as an all-reduce over two ranks would."""
+
+    def __init__(self, other: list | None = None):
+        self.world_size, self.global_rank, self.global_step = (2 if other else 1), 0, 0
+        self.sanity_checking, self.loggers, self.strategy = False, [], self
+        self.other = list(other or [])
+
+    def reduce(self, value, reduce_op):
+        assert reduce_op == "sum"
+        return value + self.other.pop(0)
+
+
+def test_held_out_metrics_per_kind_summed_over_ranks_and_on_the_hard_split(rl_assets, tmp_path):
+    from lmforge.algos.ppo import build
+    from lmforge.algos.rl_config import check_rl_config
+    from lmforge.world.splits import split_of
+    from lmforge.world.tasks import parse_task
+
+    overrides = ("algo.eval_prompts=12", "algo.eval_batch_size=12", "algo.eval_hard_prompts=5")
+    cfg = rl_config("ppo", rl_assets, tmp_path / "run", f"algo.reward.model={rl_assets['reward']}", *overrides)
+    module, _ = build(cfg, tmp_path / "run")
+    prompts = module.eval_prompts
+    assert len(module.eval_hard_prompts) == 5 and {split_of(p.raw) for p in module.eval_hard_prompts} == {"hard"}
+    # Two ranks, each evaluating half the prompts: the same keys in the same order on both,
+    # whatever kinds each half holds, so the reduction pairs them up.
+    a, _ = module.evaluate_prompts(prompts[0::2])
+    b, _ = module.evaluate_prompts(prompts[1::2])
+    assert list(a) == list(b)
+    summed = module.eval_metrics({k: a[k] + b[k] for k in a})
+    module._trainer = FakeTrainer(other=list(b.values()))
+    assert module.eval_metrics(a) == pytest.approx(summed)
+    module._trainer = None
+    kinds = {parse_task(p.raw).kind for p in prompts}
+    assert {k for k in summed if k.startswith("val/gt_score/")} == {f"val/gt_score/{k}" for k in kinds}
+    count = {k: sum(parse_task(p.raw).kind == k for p in prompts) for k in kinds}
+    for stat in ("gt_score", "exact"):
+        total = sum(summed[f"val/{stat}/{k}"] * n for k, n in count.items())
+        assert total / len(prompts) == pytest.approx(summed[f"val/{stat}"])
+    # A validation logs val/* per kind and val_hard/* (the hard split's prompts, apart).
+    logged: dict[str, float] = {}
+    module.log = lambda key, value, **kw: logged.__setitem__(key, value)
+    module._trainer = FakeTrainer()
+    module.on_validation_epoch_start()
+    module.validation_step(prompts, 0)
+    module.on_validation_epoch_end()
+    module._trainer = None
+    hard_kinds = {parse_task(p.raw).kind for p in module.eval_hard_prompts}
+    assert {"val/gt_score", "val_hard/gt_score", "val_hard/exact", "val_hard/kl"} <= set(logged)
+    assert {f"val/gt_score/{k}" for k in kinds} <= set(logged)
+    assert {k for k in logged if k.startswith("val_hard/gt_score/")} == {f"val_hard/gt_score/{k}" for k in hard_kinds}
+    assert hard_kinds <= {"add", "sub", "mul", "compare", "next"}
+    cfg.data.source = "jsonl"  # the hard split is the synthetic world's
+    with pytest.raises(ConfigError, match="algo.eval_hard_prompts=5"):
+        check_rl_config(cfg)
+
+
 def test_a_reward_checkpoint_as_policy_is_refused_with_an_explanation(rl_assets, tmp_path):
     from lmforge.algos.ppo import build
 

@@ -226,10 +226,40 @@ def test_evaluate_judge_scores_greedy_responses(tok):
     assert res["exact"] == 0.5
     assert res["judge_score"] == pytest.approx((1.0 + 0.0) / 2)
     assert res["examples"][0] == {"prompt": "What is 7 + 12?", "response": " 19", "score": 1.0}
+    assert res["by_kind"] == {"judge_score/add": 0.5, "exact/add": 0.5}  # both are add prompts
+
+
+def test_judge_metrics_per_kind_and_on_the_hard_split(make_cfg, tok, tmp_path):
+    from lmforge.config import ConfigError
+    from lmforge.world.splits import split_of
+    from lmforge.world.tasks import parse_task
+
+    ckpt = save_stage_checkpoint(make_cfg, tok, tmp_path / "pre.ckpt")
+    common = ("experiment=smoke", "algo=sft", f"init_from={ckpt}", "data.n_sft=64", "algo.max_new_tokens=4")
+    module, _ = build(make_cfg(*common, "algo.eval_prompts=12", "algo.eval_hard_prompts=6"), tmp_path / "run")
+    assert {split_of(p) for p in module.eval_hard_prompts} == {"hard"} and len(module.eval_hard_prompts) == 6
+    metrics = module.judge_metrics()
+    for prefix, prompts in (("val", module.eval_prompts), ("val_hard", module.eval_hard_prompts)):
+        kinds = {parse_task(p).kind for p in prompts}
+        assert {k for k in metrics if k.startswith(prefix + "/")} == {
+            f"{prefix}/{stat}" + suffix
+            for stat in ("judge_score", "exact")
+            for suffix in ["", *(f"/{k}" for k in kinds)]
+        }
+        # the per-kind means, weighted by their prompts, make the overall mean
+        count = {k: sum(parse_task(p).kind == k for p in prompts) for k in kinds}
+        for stat in ("judge_score", "exact"):
+            total = sum(metrics[f"{prefix}/{stat}/{k}"] * n for k, n in count.items())
+            assert total / len(prompts) == pytest.approx(metrics[f"{prefix}/{stat}"])
+    # off by default: no hard prompt, no val_hard metric
+    module, _ = build(make_cfg(*common, "algo.eval_prompts=4"), tmp_path / "run2")
+    assert not module.eval_hard_prompts and not any(k.startswith("val_hard") for k in module.judge_metrics())
+    with pytest.raises(ConfigError, match="algo.eval_hard_prompts=2"):
+        build(make_cfg("algo=sft", "data=jsonl", "algo.eval_hard_prompts=2"), tmp_path / "run3")
 
 
 def test_held_out_prompts_are_distinct_test_prompts():
-    from lmforge.world.tasks import split_of
+    from lmforge.world.splits import split_of
 
     p = held_out_prompts(0, 50)
     assert len(set(p)) == 50 and {split_of(x) for x in p} == {"test"}

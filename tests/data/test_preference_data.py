@@ -287,7 +287,8 @@ def test_synthetic_splits_hold_held_out_judge_pairs(tok):
 
 def test_unseen_pairs_are_new_pairs_of_training_prompts():
     from lmforge.data.preference_data import unseen_pairs
-    from lmforge.world.tasks import split_of, strip_prompt_template
+    from lmforge.world.splits import split_of
+    from lmforge.world.tasks import strip_prompt_template
 
     cfg = SimpleNamespace(seed=0, prompt_template="User: {prompt}\nAssistant:", response_prefix=" ")
     trained = synthetic_pairs(cfg, 3000, "train", 0.0)

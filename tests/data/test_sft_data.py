@@ -27,7 +27,7 @@ from lmforge.data.templates import BadRecords
 from lmforge.data.tokenizer import train_tokenizer
 from lmforge.errors import DataError
 from lmforge.world.generator import SyntheticWorld
-from lmforge.world.tasks import split_of
+from lmforge.world.splits import split_of
 
 TEMPLATE = "User: {prompt}\nAssistant:"
 

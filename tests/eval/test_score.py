@@ -174,10 +174,22 @@ def test_agreement_with_the_noiseless_judge_on_synthetic_pairs(reward_ckpt):
         assert out["by_kind"][kind] == pytest.approx(sum(own) / len(own), abs=1e-4)
 
 
+def test_agreement_on_the_hard_split_by_kind(reward_ckpt):
+    from lmforge.eval.reward_scoring import synthetic_judge_pairs
+    from lmforge.world.splits import split_of
+
+    pairs = synthetic_judge_pairs(RewardScorer(reward_ckpt), "synthetic:hard:30")
+    assert len(pairs) == 30 and all(split_of(strip_prompt_template(p.prompt)) == "hard" for p in pairs)
+    assert all(p.origin.startswith("synthetic:hard:") for p in pairs)
+    out = main([f"ckpt={reward_ckpt}", "input=synthetic:hard:30"])
+    assert out["n"] == 30 and set(out["by_kind"]) == {p.kind for p in pairs}
+    assert set(out["by_kind"]) <= {"add", "sub", "mul", "compare", "next"}  # no word kind is hard
+
+
 def test_seen_synthetic_pairs_are_training_prompts_the_run_did_not_train_on(reward_ckpt):
     from lmforge.data.preference_data import synthetic_pairs
     from lmforge.eval.reward_scoring import synthetic_judge_pairs
-    from lmforge.world.tasks import split_of
+    from lmforge.world.splits import split_of
 
     scorer = RewardScorer(reward_ckpt)
     cfg = load_checkpoint(reward_ckpt).meta["config"]["data"]
@@ -188,6 +200,6 @@ def test_seen_synthetic_pairs_are_training_prompts_the_run_did_not_train_on(rewa
     assert not any((p.prompt, frozenset((p.chosen, p.rejected))) in keys for p in pairs)
     assert all(split_of(strip_prompt_template(p.prompt)) == "train" for p in pairs)
     assert main([f"ckpt={reward_ckpt}", "input=synthetic:seen:50"])["n"] == 50
-    for bad in ("synthetic:val", "synthetic:test:x", "synthetic:seen:0"):
-        with pytest.raises(UsageError, match="use synthetic:test or synthetic:seen"):
+    for bad in ("synthetic:val", "synthetic:test:x", "synthetic:seen:0", "synthetic:hard:0"):
+        with pytest.raises(UsageError, match="use synthetic:test, synthetic:hard or synthetic:seen"):
             main([f"ckpt={reward_ckpt}", f"input={bad}"])

@@ -75,6 +75,9 @@ class RLConfig:
     eval_temperature: float = 0.0  # 0 = greedy
     eval_max_new_tokens: int = 16
     eval_at_start: bool = True  # evaluate the initial policy too (logged at step 0)
+    # Also evaluate this many prompts of the synthetic world's hard split (longer numbers), logged
+    # as val_hard/*, apart from val/*; 0 = off, so a default run costs nothing more.
+    eval_hard_prompts: int = 0
     sample_every: int = 10  # a table of rollouts every this many iterations (0 = never)
     n_samples: int = 4
 
@@ -155,6 +158,11 @@ def check_rl_config(cfg) -> None:
         "algo.micro_batch_size",
     )
     check(a.clip_eps is None or a.clip_eps > 0, f"algo.clip_eps={a.clip_eps} must be > 0 (or null)")
+    check(
+        a.eval_hard_prompts <= 0 or cfg.data.source == "synthetic",
+        f"algo.eval_hard_prompts={a.eval_hard_prompts}: the hard split is the synthetic world's; set "
+        "data=synthetic, or algo.eval_hard_prompts=0",
+    )
     check(
         a.missing_eos_penalty >= 0 and a.reward_clip >= 0, "algo.missing_eos_penalty and algo.reward_clip must be >= 0"
     )

@@ -19,6 +19,13 @@ One RL iteration = one `training_step` = one trainer step:
 
 then the rollout/*, train/* and time/* metrics are logged (`rollout_metrics`).
 
+Held-out evaluation (every trainer.eval_every iterations, and at step 0 with algo.eval_at_start):
+greedy responses to `algo.eval_prompts` held-out prompts give val/reward, val/kl, ... and, with
+the synthetic world's judge, val/gt_score and val/exact, overall and per task kind
+(val/gt_score/add, val/exact/add, ...). Each rank evaluates its share; the sums and counts are
+reduced over ranks. With algo.eval_hard_prompts > 0, the same on prompts of the world's hard
+split (longer numbers), logged apart as val_hard/*.
+
 Frozen models. The reference policy (`ref_model`) and the reward models are used, never
 trained nor saved: `ref_model` is set with `object.__setattr__` (`_set_hidden`) so it is not a
 submodule (out of the state dict, the optimizer, DDP and FSDP, and Lightning's device moves),
@@ -50,6 +57,7 @@ from lmforge.algos.rollout import (
     seed_for,
     token_kl,
 )
+from lmforge.eval.heldout import kind_means, kind_sums
 from lmforge.hf.importer import load_any_checkpoint
 from lmforge.rewards.reward_function import RewardFunction, build_reward
 from lmforge.rl import AdaptiveKLController, FixedKLController, token_rewards
@@ -105,6 +113,7 @@ class RLStageModule(RolloutMixin, RLUpdateMixin, StageModule):
             else FixedKLController(algo.kl_coef)
         )
         self.eval_prompts: list = []  # lmforge.data.prompt_data.Prompt, set by build
+        self.eval_hard_prompts: list = []  # the same, of the synthetic world's hard split
         self.ptx_data = None  # PromptDataModule when ptx_coef > 0
         self._ptx_iter = None
         self._set_hidden("ref_model", None)
@@ -319,26 +328,34 @@ class RLStageModule(RolloutMixin, RLUpdateMixin, StageModule):
             for p, r, s in zip(ro.prompts, ro.responses, reward)
         ]
         if self.judge is not None:
-            gt = torch.tensor(
-                self.judge([p.raw for p in ro.prompts], ro.responses), dtype=torch.float64, device=self.device
-            )
+            raw = [p.raw for p in ro.prompts]
+            scores = self.judge(raw, ro.responses)
+            gt = torch.tensor(scores, dtype=torch.float64, device=self.device)
             sums["gt_score"], sums["exact"] = gt.sum(), (gt == 1.0).double().sum()
+            # Per task kind: "gt_score/add", "exact/add", "n/add", ... (every kind, so every rank
+            # reduces the same keys)
+            for k, v in kind_sums(raw, scores, "gt_score").items():
+                sums[k] = torch.tensor(v, dtype=torch.float64, device=self.device)
             for ex, g in zip(examples, gt.tolist()):
                 ex["gt_score"] = g
         return sums, examples
 
-    def eval_metrics(self, sums: dict[str, Tensor]) -> dict[str, float]:
-        """val/* means from sums (reduced over ranks)."""
-        if self.trainer is not None and self.trainer.world_size > 1:
+    def eval_metrics(self, sums: dict[str, Tensor], prefix: str = "val") -> dict[str, float]:
+        """{prefix}/* means from sums (reduced over ranks): over all prompts, and per task kind
+        over that kind's prompts ("gt_score/add": the sums' keys with a "/")."""
+        if self._trainer is not None and self.trainer.world_size > 1:
             sums = {k: self.trainer.strategy.reduce(v, reduce_op="sum") for k, v in sums.items()}
         if not sums:
             return {}
         n = max(float(sums["n"]), 1.0)
-        return {f"val/{k}": float(v) / n for k, v in sums.items() if k != "n"}
+        metrics = {k: float(v) / n for k, v in sums.items() if k != "n" and "/" not in k}
+        metrics.update(kind_means({k: float(v) for k, v in sums.items() if "/" in k}))
+        return {f"{prefix}/{k}": v for k, v in metrics.items()}
 
-    def _evaluate_all(self) -> tuple[dict[str, float], list[dict]]:
-        rank, world = self.global_rank, self.trainer.world_size if self.trainer is not None else 1
-        mine = self.eval_prompts[rank::world]
+    def _evaluate_all(self, prompts: list, prefix: str = "val") -> tuple[dict[str, float], list[dict]]:
+        """`eval_metrics` of `prompts`, each rank evaluating its share, and this rank's examples."""
+        rank, world = self.global_rank, self.trainer.world_size if self._trainer is not None else 1
+        mine = prompts[rank::world]
         bs = self.cfg.algo.eval_batch_size
         total: dict[str, Tensor] = {}
         examples: list[dict] = []
@@ -346,12 +363,17 @@ class RLStageModule(RolloutMixin, RLUpdateMixin, StageModule):
             sums, ex = self.evaluate_prompts(mine[i : i + bs])
             total = {k: total.get(k, 0) + v for k, v in sums.items()}
             examples += ex
-        return self.eval_metrics(total), examples
+        return self.eval_metrics(total, prefix), examples
+
+    def hard_metrics(self) -> dict[str, float]:
+        """val_hard/*: the held-out metrics on the hard split's prompts (empty when there are none)."""
+        return self._evaluate_all(self.eval_hard_prompts, "val_hard")[0] if self.eval_hard_prompts else {}
 
     def on_train_start(self) -> None:
         self._frozen_to_device()
         if self.global_step == 0 and self.cfg.algo.eval_at_start and self.eval_prompts:
-            metrics, examples = self._evaluate_all()
+            metrics, examples = self._evaluate_all(self.eval_prompts)
+            metrics.update(self.hard_metrics())
             log.info(
                 "RL start (step 0, the initial policy): %s",
                 ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())),
@@ -377,6 +399,8 @@ class RLStageModule(RolloutMixin, RLUpdateMixin, StageModule):
         if not self._val_sums:
             return
         metrics = self.eval_metrics(self._val_sums)
+        if not self.trainer.sanity_checking:
+            metrics.update(self.hard_metrics())
         for k, v in metrics.items():
             self.log(k, v, prog_bar=k in ("val/gt_score", "val/kl"))
         if not self.trainer.sanity_checking:
@@ -446,9 +470,11 @@ def build_rl_stage(cfg, run_dir, module_cls, **module_kwargs):
         seed=cfg.seed,
         ptx_batch_size=algo.ptx_batch_size,
         ptx_seq_len=algo.ptx_seq_len,
+        eval_hard_prompts=algo.eval_hard_prompts,
     )
     dm.prepare_data()
     module.eval_prompts = dm.eval_prompts
+    module.eval_hard_prompts = dm.eval_hard_prompts
     if algo.reward_stats_from == "policy":
         module.measure_reward_stats(dm.train_prompts[: algo.reward_stats_prompts])
     if algo.ptx_coef > 0:

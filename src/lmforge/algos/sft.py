@@ -7,8 +7,11 @@ model learns to stop. Data, templates, truncation and length bucketing: data/sft
 On validation: val/loss and val/ppl over response tokens (a token-weighted mean over the whole
 validation set, not a mean of batch means), and for data=synthetic the ground-truth judge on
 `algo.eval_prompts` held-out test prompts with greedy decoding: val/judge_score (mean) and
-val/exact (share answered exactly). With algo.eval_at_start the same figures are logged at
-step 0 for the initial (e.g. pretrained) model, so one run shows SFT's gain.
+val/exact (share answered exactly), and both per task kind (val/judge_score/add, val/exact/add,
+...). With algo.eval_hard_prompts > 0 (off by default), the same figures on that many prompts of
+the world's hard split (longer numbers) as val_hard/*, reported apart. With algo.eval_at_start
+they are also logged at step 0 for the initial (e.g. pretrained) model, so one run shows SFT's
+gain.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class SFTConfig:
     bucket_size: int = 64  # batches per length-sorted mega-batch
     # Ground-truth judge on held-out test prompts (data=synthetic), greedy decoding.
     eval_prompts: int = 128
+    eval_hard_prompts: int = 0  # also on this many prompts of the hard split (val_hard/*); 0 = off
     max_new_tokens: int = 16
     eval_at_start: bool = True  # also evaluate the initial model (logged at step 0)
 
@@ -69,6 +73,7 @@ class SFTModule(StageModule):
         super().__init__(cfg, tokenizer)
         self.model = self.build_causal_lm()
         self.eval_prompts: list[str] = []  # raw held-out prompts for the judge (synthetic data)
+        self.eval_hard_prompts: list[str] = []  # raw prompts of the hard split (eval_hard_prompts)
         self.data_stats: dict[str, float] = {}
         self._val_sum = self._val_count = None
 
@@ -110,21 +115,29 @@ class SFTModule(StageModule):
         self.log_samples()
 
     def judge_metrics(self) -> dict[str, float]:
-        """val/judge_score and val/exact of the current model (empty without eval prompts)."""
-        if not self.eval_prompts or self.cfg.algo.eval_prompts <= 0:
-            return {}
+        """val/judge_score and val/exact of the current model, overall and per kind, and the same
+        as val_hard/* on the hard split's prompts (empty without eval prompts)."""
+        metrics = {}
+        if self.eval_prompts and self.cfg.algo.eval_prompts > 0:
+            metrics.update(self._judge(self.eval_prompts, "val"))
+        if self.eval_hard_prompts:
+            metrics.update(self._judge(self.eval_hard_prompts, "val_hard"))
+        return metrics
+
+    def _judge(self, prompts: list[str], prefix: str) -> dict[str, float]:
         from lmforge.eval.heldout import evaluate_judge
 
         res = evaluate_judge(
             self.model,
             self.tokenizer,
-            self.eval_prompts,
+            prompts,
             prompt_template=self.cfg.data.prompt_template,
             max_new_tokens=self.cfg.algo.max_new_tokens,
         )
         for ex in res["examples"]:
-            log.info("judge %.2f  %r -> %r", ex["score"], ex["prompt"], ex["response"])
-        return {"val/judge_score": res["judge_score"], "val/exact": res["exact"]}
+            log.info("%s judge %.2f  %r -> %r", prefix, ex["score"], ex["prompt"], ex["response"])
+        metrics = {f"{prefix}/judge_score": res["judge_score"], f"{prefix}/exact": res["exact"]}
+        return metrics | {f"{prefix}/{k}": v for k, v in res["by_kind"].items()}
 
     def on_train_start(self) -> None:
         metrics = dict(self.data_stats)
@@ -169,6 +182,11 @@ def build(cfg, run_dir):
     algo = cfg.algo
     if algo.packing not in PACKING_MODES:
         raise ConfigError(f"algo.packing={algo.packing!r}: use one of {PACKING_MODES}")
+    if algo.eval_hard_prompts > 0 and cfg.data.source != "synthetic":
+        raise ConfigError(
+            f"algo.eval_hard_prompts={algo.eval_hard_prompts}: the hard split is the synthetic world's; "
+            "set data=synthetic, or algo.eval_hard_prompts=0"
+        )
     if cfg.init_from:
         # Fail fast, before any data work, on a checkpoint of the wrong kind or shape.
         ckpt = load_any_checkpoint(cfg.init_from)
@@ -192,6 +210,8 @@ def build(cfg, run_dir):
     module.sample_prompts = [p.prompt for p in dm.val_pairs[: max(0, algo.n_samples)]]
     if cfg.data.source == "synthetic":
         module.eval_prompts = held_out_prompts(cfg.data.seed, algo.eval_prompts, "test")
+        if algo.eval_hard_prompts > 0:
+            module.eval_hard_prompts = held_out_prompts(cfg.data.seed, algo.eval_hard_prompts, "hard")
     return module, dm
 
 

@@ -4,7 +4,8 @@ Sources (conf/data/<source>.yaml):
 
 * ``data=synthetic``: every prompt of the world's ``train`` split for rollouts; for held-out
   evaluation ``algo.eval_prompts`` prompts of its ``test`` split, the same fixed subset the SFT
-  stage evaluates on (``lmforge.world.generator.held_out_prompts``), so the numbers compare;
+  stage evaluates on (``lmforge.world.generator.held_out_prompts``), so the numbers compare,
+  and ``algo.eval_hard_prompts`` of its ``hard`` split (longer numbers; none by default);
 * ``data=jsonl``: ``data.prompt_field`` of each record of ``data.path`` (other fields are
   ignored, so SFT or preference files serve as prompt files); evaluation prompts from
   ``data.val_path``, else a stable-hash ``data.val_fraction`` share of the file;
@@ -62,6 +63,15 @@ def synthetic_prompts(cfg, split: str) -> list[tuple[str, str, str]]:
     ]
 
 
+def synthetic_held_out(cfg, n: int, split: str) -> list[tuple[str, str, str]]:
+    """(raw, rendered, origin) of `n` prompts of the world's held-out `split` (test or hard): the
+    fixed subset every stage evaluates on."""
+    from lmforge.world.generator import held_out_prompts
+
+    prompts = held_out_prompts(cfg.seed, n, split)
+    return [(p, render_prompt(cfg.prompt_template, p), f"synthetic:{split}:{i}") for i, p in enumerate(prompts)]
+
+
 def jsonl_prompts(cfg, path: str, bad: BadRecords, config_key: str) -> list[tuple[str, str, str]]:
     from lmforge.data.sft_data import iter_jsonl_tolerant
 
@@ -109,12 +119,7 @@ def hh_prompts(cfg, path: str, bad: BadRecords, config_key: str) -> list[tuple[s
 def load_prompt_records(cfg, n_eval: int) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
     """(train, eval) records (raw, rendered, origin) of the configured source."""
     if cfg.source == "synthetic":
-        from lmforge.world.generator import held_out_prompts
-
-        train = synthetic_prompts(cfg, "train")
-        held_out = held_out_prompts(cfg.seed, n_eval, "test")
-        evals = [(p, render_prompt(cfg.prompt_template, p), f"synthetic:test:{i}") for i, p in enumerate(held_out)]
-        return train, evals
+        return synthetic_prompts(cfg, "train"), synthetic_held_out(cfg, n_eval, "test")
     if cfg.source in ("jsonl", "hh"):
         from lmforge.data.sft_data import hash_fraction
 
@@ -202,14 +207,17 @@ class PromptDataModule(L.LightningDataModule):
         seed: int,
         ptx_batch_size: int = 0,
         ptx_seq_len: int = 128,
+        eval_hard_prompts: int = 0,
     ):
         super().__init__()
         self.cfg, self.tokenizer = cfg, tokenizer
         self.prompts_per_step, self.max_prompt_tokens = prompts_per_step, max_prompt_tokens
         self.n_eval, self.eval_batch_size, self.seed = eval_prompts, eval_batch_size, seed
         self.ptx_batch_size, self.ptx_seq_len = ptx_batch_size, ptx_seq_len
+        self.n_eval_hard = eval_hard_prompts
         self.train_prompts: list[Prompt] = []
         self.eval_prompts: list[Prompt] = []
+        self.eval_hard_prompts: list[Prompt] = []  # the synthetic world's hard split, reported apart
         self._ptx_examples = None
 
     def prepare_data(self) -> None:
@@ -224,6 +232,10 @@ class PromptDataModule(L.LightningDataModule):
         train, evals = load_prompt_records(self.cfg, self.n_eval)
         self.train_prompts, cut_train = encode_prompts(train, self.tokenizer, self.max_prompt_tokens)
         self.eval_prompts, cut_eval = encode_prompts(evals, self.tokenizer, self.max_prompt_tokens)
+        if self.n_eval_hard > 0:
+            hard = synthetic_held_out(self.cfg, self.n_eval_hard, "hard")
+            self.eval_hard_prompts, cut_hard = encode_prompts(hard, self.tokenizer, self.max_prompt_tokens)
+            cut_eval += cut_hard
         if cut_train or cut_eval:
             log.warning(
                 "%d train and %d eval prompts were longer than algo.max_prompt_tokens=%d and lost tokens from the left",
@@ -231,7 +243,12 @@ class PromptDataModule(L.LightningDataModule):
                 cut_eval,
                 self.max_prompt_tokens,
             )
-        log.info("RL prompts: %d train, %d held out", len(self.train_prompts), len(self.eval_prompts))
+        log.info(
+            "RL prompts: %d train, %d held out, %d hard",
+            len(self.train_prompts),
+            len(self.eval_prompts),
+            len(self.eval_hard_prompts),
+        )
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer

@@ -4,11 +4,16 @@
 mean score and the share of exactly right answers (score 1.0) are how SFT and PPO show that
 they raise the model's quality. Prompts are RAW task prompts ("What is 7 + 12?"), rendered
 with the run's `data.prompt_template` for generation and judged raw, so any template works.
+
+`kind_sums` and `kind_means` break the figures down by the world's task kind ("judge_score/add",
+"exact/add"): an average over kinds hides which skills a stage gains or loses. The sums have
+the same keys whatever the prompts (zeros for a kind with none), so ranks can reduce them
+key by key; a kind without prompts gets no mean.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -55,6 +60,35 @@ def generate_responses(
     return out
 
 
+def kind_sums(prompts: Sequence[str], scores: Sequence[float], score_name: str) -> dict[str, float]:
+    """{f"{score_name}/{kind}", f"exact/{kind}", f"n/{kind}"}: the sum of the scores, the number
+    of exact answers (1.0) and of prompts of every world task kind. A prompt that is no world
+    task (a custom judge's) counts in no kind."""
+    from lmforge.world.tasks import KINDS, parse_task
+
+    sums = {f"{stat}/{kind}": 0.0 for kind in KINDS for stat in (score_name, "exact", "n")}
+    for prompt, score in zip(prompts, scores):
+        try:
+            kind = parse_task(prompt).kind
+        except ValueError:
+            continue
+        sums[f"{score_name}/{kind}"] += score
+        sums[f"exact/{kind}"] += float(score == 1.0)
+        sums[f"n/{kind}"] += 1.0
+    return sums
+
+
+def kind_means(sums: Mapping[str, float]) -> dict[str, float]:
+    """The per-kind means of `kind_sums` (perhaps summed over ranks), for kinds with prompts."""
+    out = {}
+    for key, value in sums.items():
+        stat, _, kind = key.partition("/")
+        count = float(sums[f"n/{kind}"])
+        if stat != "n" and count > 0:
+            out[key] = float(value) / count
+    return out
+
+
 def evaluate_judge(
     model,
     tokenizer,
@@ -69,13 +103,14 @@ def evaluate_judge(
     """Greedy responses to raw `prompts`, scored by `judge` (default: the synthetic world's).
 
     Returns {"judge_score": mean score, "exact": share scoring 1.0, "n": len(prompts),
-    "examples": the first n_examples (prompt, response, score) dicts}.
+    "by_kind": {"judge_score/<kind>": mean, "exact/<kind>": share} of the world's task kinds
+    among the prompts, "examples": the first n_examples (prompt, response, score) dicts}.
     """
     if judge is None:
         from lmforge.world.judge import judge_batch as judge
     prompts = list(prompts)
     if not prompts:
-        return {"judge_score": float("nan"), "exact": float("nan"), "n": 0, "examples": []}
+        return {"judge_score": float("nan"), "exact": float("nan"), "n": 0, "by_kind": {}, "examples": []}
     responses = generate_responses(
         model, tokenizer, prompts, prompt_template=prompt_template, max_new_tokens=max_new_tokens, batch_size=batch_size
     )
@@ -84,6 +119,7 @@ def evaluate_judge(
         "judge_score": sum(scores) / len(scores),
         "exact": sum(s == 1.0 for s in scores) / len(scores),
         "n": len(scores),
+        "by_kind": kind_means(kind_sums(prompts, scores, "judge_score")),
         "examples": [
             {"prompt": p, "response": r, "score": s} for p, r, s in list(zip(prompts, responses, scores))[:n_examples]
         ],

@@ -128,25 +128,28 @@ class RewardScorer:
 
 
 def synthetic_judge_pairs(scorer: RewardScorer, spec: str) -> list[PreferencePair]:
-    """`synthetic:test[:N]` or `synthetic:seen[:N]`: pairs ordered by the world's noiseless judge
-    (chosen = the better response), rendered as the checkpoint's run rendered them (raw= aside)."""
+    """`synthetic:test[:N]`, `synthetic:hard[:N]` or `synthetic:seen[:N]`: pairs ordered by the
+    world's noiseless judge (chosen = the better response), rendered as the checkpoint's run
+    rendered them (raw= aside). `hard` is the world's split of longer numbers, never trained on."""
     from lmforge.data.preference_data import synthetic_pairs, unseen_pairs
 
     _, _, rest = spec.partition(":")
     which, _, n = rest.partition(":")
-    if which not in ("test", "seen") or (n and not n.isdigit()) or n == "0":
-        raise UsageError(f"input={spec!r}: use synthetic:test or synthetic:seen, optionally with :N pairs")
+    if which not in ("test", "hard", "seen") or (n and not n.isdigit()) or n == "0":
+        raise UsageError(
+            f"input={spec!r}: use synthetic:test, synthetic:hard or synthetic:seen, optionally with :N pairs"
+        )
     data = scorer.data_config
     cfg = SimpleNamespace(
         seed=int(data.get("seed", 0)), prompt_template=data["prompt_template"], response_prefix=data["response_prefix"]
     )
     n_pairs = int(n or 800)
-    if which == "test":
-        return synthetic_pairs(cfg, n_pairs, "test", 0.0)
+    if which in ("test", "hard"):
+        return synthetic_pairs(cfg, n_pairs, which, 0.0)
     if scorer.source != "synthetic":
         raise UsageError(
             f"input={spec!r}: the checkpoint was trained on data.source={scorer.source!r}, so "
-            "which synthetic pairs it saw is unknown; synthetic:test needs no such knowledge"
+            "which synthetic pairs it saw is unknown; synthetic:test and synthetic:hard need no such knowledge"
         )
     trained = synthetic_pairs(cfg, int(data["n_pairs"]), "train", float(data.get("annotator_noise", 0.0)))
     return unseen_pairs(cfg, n_pairs, trained)

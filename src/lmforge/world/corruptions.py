@@ -14,9 +14,11 @@ answer after stripping, so it always judges < 1.0 (see :mod:`lmforge.world.judge
 
 from __future__ import annotations
 
+import functools
 import random
 
-from lmforge.world.tasks import NUMERIC_KINDS, WORDS, Task, _answer, _parse
+from lmforge.world.splits import split_of
+from lmforge.world.tasks import NUMERIC_KINDS, WORDS, Task, _answer, _make_task, _parse
 
 __all__ = ["corrupt"]
 
@@ -55,10 +57,21 @@ def _wrong_number(expected: int, rng: random.Random) -> int:
     return value if value != expected else value + 1
 
 
-def _other_word(word: str, rng: random.Random) -> str:
-    other = rng.choice(WORDS)
+@functools.cache
+def _words_in_split(kind: str, split: str) -> tuple[str, ...]:
+    return tuple(w for w in WORDS if split_of(_make_task(kind, w).prompt) == split)
+
+
+def _other_word(task: Task, word: str, rng: random.Random) -> str:
+    # A word whose prompt of this kind is in the task's split: "another word's answer" to a
+    # training prompt is then never a held-out answer (the reversal of a word reversed only in
+    # test), so no training document holds one, not even as a wrong answer.
+    words = _words_in_split(task.kind, split_of(task.prompt))
+    if len(words) < 2:
+        words = WORDS
+    other = rng.choice(words)
     while other == word:
-        other = rng.choice(WORDS)
+        other = rng.choice(words)
     return other
 
 
@@ -81,7 +94,7 @@ def _wrong_word(task: Task, word: str, rng: random.Random) -> str:
             lambda: word[::-1].upper(),  # uppercased the reversal
             lambda: answer[:-1],  # a letter dropped
         ]
-    options.append(lambda: _answer(task.kind, (_other_word(word, rng),)))  # another word's answer
+    options.append(lambda: _answer(task.kind, (_other_word(task, word, rng),)))  # another word's answer
     return rng.choice(options)()
 
 

@@ -6,7 +6,8 @@ checkable answers. It needs no file and no network, and it is sized so that
 every stage (pretraining -> SFT -> reward modeling -> PPO) shows a measurable
 effect with a ~10M-parameter model on a small CPU in minutes.
 
-Task kinds, splits and the dialog format are in :mod:`lmforge.world.tasks`, wrong answers in
+Task kinds and the dialog format are in :mod:`lmforge.world.tasks`, the split of every prompt
+(train, val, test, and the harder ``hard``) in :mod:`lmforge.world.splits`, wrong answers in
 :mod:`lmforge.world.corruptions`, the ground-truth judge in :mod:`lmforge.world.judge`.
 
 Sampling
@@ -17,7 +18,9 @@ and samples a task as *kind uniformly, then a prompt of that kind uniformly
 within the split*. That is the same distribution as rejection sampling with
 uniform kinds, costs O(1) per draw, and makes ``tasks(n)[:k] == tasks(k)``
 (prefix-stable) for the same arguments. :meth:`SyntheticWorld.all_tasks` lists
-a whole split (e.g. the 160 test prompts for a full held-out evaluation).
+a whole split (e.g. the 173 test prompts for a full held-out evaluation). The ``hard`` split
+(16,526 prompts with longer numbers) is enumerated only when a method first asks for it, so
+worlds that never use it pay nothing for it.
 
 Determinism
 -----------
@@ -47,7 +50,8 @@ from typing import Sequence
 
 from lmforge.world.corruptions import corrupt
 from lmforge.world.judge import score_response
-from lmforge.world.tasks import _SPLIT_NAMES, KINDS, Task, _enumerate_kind, _parse, format_prompt, split_of
+from lmforge.world.splits import SPLITS, WORLD_SPLITS, split_of
+from lmforge.world.tasks import KINDS, Task, _parse, enumerate_hard, enumerate_kind, format_prompt
 
 __all__ = ["SyntheticWorld", "held_out_prompts"]
 
@@ -79,15 +83,17 @@ class SyntheticWorld:
         unknown = [k for k in self.kinds if k not in KINDS]
         if unknown or not self.kinds:
             raise ValueError(f"unknown or no task kinds {list(self.kinds)!r}; choose from {KINDS}")
-        self._by_split: dict[str, dict[str, list[Task]]] = {s: {} for s in _SPLIT_NAMES}
+        self._by_split: dict[str, dict[str, list[Task]]] = {s: {} for s in WORLD_SPLITS}
         for kind in self.kinds:
-            for split in _SPLIT_NAMES:
+            for split in WORLD_SPLITS:
                 self._by_split[split][kind] = []
-            for task in _enumerate_kind(kind):
+            for task in enumerate_kind(kind):
                 self._by_split[split_of(task.prompt)][kind].append(task)
-            empty = [s for s in _SPLIT_NAMES if not self._by_split[s][kind]]
+            empty = [s for s in WORLD_SPLITS if not self._by_split[s][kind]]
             if empty:  # cannot happen with the embedded world; guards edits to it
                 raise RuntimeError(f"kind {kind!r} has no prompt in split(s) {empty}")
+        # The kinds a split draws from, uniformly: all of them, except in hard (no word kinds).
+        self._drawn_kinds: dict[str, tuple[str, ...]] = dict.fromkeys(WORLD_SPLITS, self.kinds)
 
     def __repr__(self) -> str:
         return f"SyntheticWorld(seed={self.seed}, kinds={list(self.kinds)})"
@@ -98,14 +104,19 @@ class SyntheticWorld:
         key = "/".join(str(p) for p in ("lmforge-synthetic", self.seed, stream, *parts))
         return random.Random(key)
 
-    @staticmethod
-    def _check_split(split: str) -> None:
-        if split not in _SPLIT_NAMES:
-            raise ValueError(f"unknown split {split!r}; choose from {_SPLIT_NAMES}")
+    def _check_split(self, split: str) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
+        if split not in self._by_split:  # hard: enumerated on first use
+            by_kind = {kind: [t for t in enumerate_hard(kind) if split_of(t.prompt) == split] for kind in self.kinds}
+            self._by_split[split] = by_kind
+            self._drawn_kinds[split] = tuple(k for k in self.kinds if by_kind[k])
 
     def _draw(self, rng: random.Random, split: str) -> Task:
-        kind = rng.choice(self.kinds)
-        return rng.choice(self._by_split[split][kind])
+        kinds = self._drawn_kinds[split]
+        if not kinds:
+            raise ValueError(f"split {split!r} has no prompt of the kinds {list(self.kinds)}")
+        return rng.choice(self._by_split[split][rng.choice(kinds)])
 
     def _sample(self, n: int, split: str, stream: str, seed_offset: int) -> list[Task]:
         self._check_split(split)
@@ -115,12 +126,14 @@ class SyntheticWorld:
     # ---------------------------------------------------------------- public
 
     def all_tasks(self, split: str = "test") -> list[Task]:
-        """Every task of ``split`` (for this world's kinds), in a fixed order."""
+        """Every task of ``split`` (for this world's kinds), in a fixed order; ``hard`` has
+        numeric kinds only."""
         self._check_split(split)
         return [t for kind in self.kinds for t in self._by_split[split][kind]]
 
     def tasks(self, n: int, split: str = "train", seed_offset: int = 0) -> list[Task]:
-        """``n`` tasks of ``split``: a uniformly drawn kind, then a uniform prompt of that kind."""
+        """``n`` tasks of ``split``: a uniformly drawn kind, then a uniform prompt of that kind
+        (in ``hard``, a kind among those it has: the numeric ones)."""
         return self._sample(n, split, "tasks", seed_offset)
 
     def sft_pairs(self, n: int, split: str = "train", seed_offset: int = 0) -> list[tuple[str, str]]:
@@ -233,7 +246,8 @@ class SyntheticWorld:
 
 def held_out_prompts(seed: int, n: int, split: str = "test") -> list[str]:
     """`n` distinct raw task prompts of the world's `split` (all of them if n is larger), a fixed,
-    kind-mixed subset: the same for every stage and run with the same seed."""
+    kind-mixed subset: the same for every stage and run with the same seed. `split="hard"` gives
+    the harder split's longer numbers (numeric kinds only), reported apart from `test`."""
     prompts = [t.prompt for t in SyntheticWorld(seed).all_tasks(split)]
     random.Random(f"lmforge-eval/{seed}/{split}").shuffle(prompts)
     return prompts[: max(0, n)]

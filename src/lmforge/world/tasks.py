@@ -1,8 +1,10 @@
-"""The synthetic world's tasks: the eight task kinds, their prompts and answers, the dialog
-template, the train/val/test split of every prompt, and parsing a prompt back into its task.
+"""The synthetic world's tasks: the eight task kinds, their prompts and answers, the operand
+ranges of the world and of its harder split, the dialog template, and parsing a prompt back into
+its task.
 
-Pure definitions with no randomness: :mod:`lmforge.world.generator` samples from them, and
-:mod:`lmforge.world.judge` parses prompts with them.
+Pure definitions with no randomness: :mod:`lmforge.world.splits` assigns every prompt its split,
+:mod:`lmforge.world.generator` samples from them, and :mod:`lmforge.world.judge` parses prompts
+with them.
 
 Tasks
 -----
@@ -18,9 +20,18 @@ Eight kinds, each with one prompt template and small operands::
     next     "What comes after 17?"            -> "18"     (0..99)
 
 ``WORDS`` is an embedded list of 150 common English words of 3-7 letters (no
-palindromes, so a reversal never equals its input). The whole world holds
-1,723 distinct prompts (1,377 train, 186 val, 160 test); they are enumerated
-once per kind, in a fixed order, when a :class:`~lmforge.world.generator.SyntheticWorld` is built.
+palindromes, so a reversal never equals its input). These ranges make the world's 1,723
+distinct prompts, split into train, val and test by :func:`lmforge.world.splits.split_of`.
+
+The ``hard`` split has longer numbers than any of them (:func:`enumerate_hard`), the same
+templates and answers::
+
+    add, sub, compare   both operands 21..99 (sub: a >= b; compare: a != b)
+    mul                 an operand 10..12, the other 1..12
+    next                100..999
+
+The word kinds have no hard prompts: a longer word would be a word the world does not have,
+an unseen fact rather than a harder use of a skill.
 
 Dialog format
 -------------
@@ -30,21 +41,11 @@ The canonical rendering, used by every stage, is
 The SFT stage appends EOS itself; this module knows nothing about tokens.
 A dialog inside a pretraining document is ``format_prompt(p) + response + "\\n"``,
 i.e. exactly an SFT (prompt_text, response_text) pair followed by a newline.
-
-Splits
-------
-Every distinct prompt belongs to exactly one split, decided by a stable hash of
-the raw prompt string (SHA-256, never Python's salted ``hash()``): ``train``
-80%, ``val`` 10%, ``test`` 10% (:func:`split_of`). The split does not depend on
-the world's seed, so the held-out ``test`` prompts stay held out whatever seed a
-stage uses. Pretraining documents (dialogs and prose facts alike) are drawn from
-``train`` only.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import re
 from dataclasses import dataclass
 
@@ -52,26 +53,39 @@ __all__ = [
     "KINDS",
     "NUMERIC_KINDS",
     "WORD_KINDS",
+    "WORD_OPERAND_KINDS",
     "WORDS",
-    "SPLITS",
+    "SMALL",
+    "DIGITS",
+    "COUNTING",
     "PROMPT_TEMPLATE",
     "Task",
     "format_prompt",
     "strip_prompt_template",
-    "split_of",
     "parse_task",
+    "in_world",
+    "enumerate_kind",
+    "enumerate_hard",
     "parse_dialogs",
 ]
 
 PROMPT_TEMPLATE = "User: {prompt}\nAssistant:"
 
 KINDS: tuple[str, ...] = ("add", "sub", "mul", "compare", "reverse", "upper", "length", "next")
+# Kinds whose ANSWER is a word (the judge scores them as words); `length` has a word operand and
+# a numeric answer, so it is numeric here and a word-operand kind below.
 WORD_KINDS: frozenset[str] = frozenset({"reverse", "upper"})
 NUMERIC_KINDS: frozenset[str] = frozenset(KINDS) - WORD_KINDS
+WORD_OPERAND_KINDS: tuple[str, ...] = ("reverse", "upper", "length")
 
-# (name, cumulative upper bound of the hash fraction)
-SPLITS: tuple[tuple[str, float], ...] = (("train", 0.8), ("val", 0.9), ("test", 1.0))
-_SPLIT_NAMES = tuple(name for name, _ in SPLITS)
+# Operand ranges of the world (train, val and test prompts).
+SMALL = range(0, 21)  # add, sub, compare
+DIGITS = range(1, 10)  # mul
+COUNTING = range(0, 100)  # next
+# ... and of the hard split: longer numbers than any of the above.
+_HARD_SMALL = range(21, 100)  # add, sub, compare
+_HARD_FACTORS = range(1, 13)  # mul: one operand >= 10
+_HARD_COUNTING = range(100, 1000)  # next
 
 # fmt: off
 WORDS: tuple[str, ...] = (
@@ -92,6 +106,7 @@ WORDS: tuple[str, ...] = (
     "lake", "map", "owl", "pear", "pig", "pond", "queen", "rope", "seed", "sock",
 )
 # fmt: on
+_WORD_SET = frozenset(WORDS)
 
 _TEMPLATES = {
     "add": "What is {a} + {b}?",
@@ -168,7 +183,7 @@ def _answer(kind: str, args: tuple) -> str:
 
 
 def _make_task(kind: str, *args) -> Task:
-    if kind in ("reverse", "upper", "length"):
+    if kind in WORD_OPERAND_KINDS:
         prompt = _TEMPLATES[kind].format(w=args[0])
     elif kind == "next":
         prompt = _TEMPLATES[kind].format(a=args[0])
@@ -177,13 +192,13 @@ def _make_task(kind: str, *args) -> Task:
     return Task(kind, prompt, _answer(kind, args))
 
 
-@functools.lru_cache(maxsize=1 << 14)
+@functools.lru_cache(maxsize=1 << 15)
 def _parse(prompt: str) -> tuple[Task, tuple]:
     raw = strip_prompt_template(prompt)
     for kind, pattern in _PATTERNS:
         m = pattern.fullmatch(raw)
         if m:
-            args = tuple(g if kind in ("reverse", "upper", "length") else int(g) for g in m.groups())
+            args = tuple(g if kind in WORD_OPERAND_KINDS else int(g) for g in m.groups())
             return Task(kind, raw, _answer(kind, args)), args
     raise ValueError(f"cannot parse a synthetic-world task from prompt {prompt!r}")
 
@@ -193,35 +208,57 @@ def parse_task(prompt: str) -> Task:
     return _parse(prompt)[0]
 
 
-@functools.lru_cache(maxsize=1 << 16)
-def split_of(prompt: str) -> str:
-    """The split ("train", "val" or "test") of a prompt, from a stable SHA-256 hash.
-
-    A formatted prompt is reduced to its raw task prompt first, so both agree.
-    """
-    raw = strip_prompt_template(prompt)
-    digest = hashlib.sha256(raw.encode("utf-8")).digest()
-    frac = int.from_bytes(digest[:8], "big") / 2**64
-    for name, upper in SPLITS:
-        if frac < upper:
-            return name
-    return SPLITS[-1][0]
-
-
-def _enumerate_kind(kind: str) -> list[Task]:
-    small = range(21)
-    if kind == "add":
-        return [_make_task(kind, a, b) for a in small for b in small]
-    if kind == "sub":
-        return [_make_task(kind, a, b) for a in small for b in small if a >= b]
+def in_world(kind: str, args: tuple) -> bool:
+    """Whether a task's operands are in the world's ranges (its train, val and test prompts)."""
+    if kind in WORD_OPERAND_KINDS:
+        return args[0] in _WORD_SET
+    if kind == "next":
+        return args[0] in COUNTING
+    a, b = args
     if kind == "mul":
-        return [_make_task(kind, a, b) for a in range(1, 10) for b in range(1, 10)]
+        return a in DIGITS and b in DIGITS
+    in_range = a in SMALL and b in SMALL
+    if kind == "sub":
+        return in_range and a >= b
     if kind == "compare":
-        return [_make_task(kind, a, b) for a in small for b in small if a != b]
-    if kind in ("reverse", "upper", "length"):
+        return in_range and a != b
+    return in_range
+
+
+def _pairs(kind: str, values: range) -> list[tuple[int, int]]:
+    """The operand pairs of a two-operand kind over ``values`` (sub: a >= b, compare: a != b)."""
+    pairs = [(a, b) for a in values for b in values]
+    if kind == "sub":
+        return [(a, b) for a, b in pairs if a >= b]
+    if kind == "compare":
+        return [(a, b) for a, b in pairs if a != b]
+    return pairs
+
+
+def enumerate_kind(kind: str) -> list[Task]:
+    """Every task of ``kind`` in the world's ranges (train, val and test), in a fixed order."""
+    if kind in ("add", "sub", "compare"):
+        return [_make_task(kind, a, b) for a, b in _pairs(kind, SMALL)]
+    if kind == "mul":
+        return [_make_task(kind, a, b) for a, b in _pairs(kind, DIGITS)]
+    if kind in WORD_OPERAND_KINDS:
         return [_make_task(kind, w) for w in WORDS]
     if kind == "next":
-        return [_make_task(kind, a) for a in range(100)]
+        return [_make_task(kind, a) for a in COUNTING]
+    raise ValueError(f"unknown task kind {kind!r}")
+
+
+def enumerate_hard(kind: str) -> list[Task]:
+    """Every task of ``kind`` in the hard split (longer numbers; none for the word kinds)."""
+    if kind in ("add", "sub", "compare"):
+        return [_make_task(kind, a, b) for a, b in _pairs(kind, _HARD_SMALL)]
+    if kind == "mul":
+        pairs = _pairs(kind, _HARD_FACTORS)
+        return [_make_task(kind, a, b) for a, b in pairs if max(a, b) >= 10]
+    if kind in WORD_OPERAND_KINDS:
+        return []
+    if kind == "next":
+        return [_make_task(kind, a) for a in _HARD_COUNTING]
     raise ValueError(f"unknown task kind {kind!r}")
 
 
