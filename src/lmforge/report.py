@@ -5,7 +5,8 @@
 A run dir is a `train.py` output folder (csv/metrics.csv, .hydra/, checkpoints/, summary.json);
 a folder of runs (a `-m` sweep) stands for all the runs in it. Writes DIR/report.png (every run
 on the same axes: loss and validation curves; reward-model accuracy; for RL runs reward,
-ground-truth score, KL and response length over steps; whichever of these the runs logged) and
+ground-truth score, KL and response length over steps, and the gold and proxy reward against
+sqrt(KL) on the same held-out prompts; whichever of these the runs logged) and
 DIR/report.md (per run: config choices and overrides, steps, wall time, checkpoints; then the
 final value of every metric, one column per run). DIR defaults to the run dir for one run and
 to ./lmforge-report for several.
@@ -190,6 +191,39 @@ def panels_for(runs: list[RunData]) -> list[tuple[str, list[str]]]:
     return out
 
 
+# The over-optimization panel: x = sqrt(val/kl), y = the gold score (the judge) and the proxy
+# (the reward the policy optimized), both on the same held-out prompts at each validation.
+OVEROPT_TITLE = "Gold (judge) and proxy (reward) vs sqrt(KL)"
+
+
+def overoptimization_curve(run: RunData) -> list[tuple[float, float, float | None]]:
+    """(sqrt KL, gold, proxy) at each validation step where the RL run logged val/kl and val/gt_score,
+    in step order: the curve of Gao et al. (2022), on which a learned reward's gold score peaks and
+    then falls while the proxy keeps rising."""
+    kl = dict(run.series.get("val/kl", []))
+    gold = dict(run.series.get("val/gt_score", []))
+    proxy = dict(run.series.get("val/reward", []))
+    return [
+        (math.sqrt(max(kl[s], 0.0)), gold[s], proxy.get(s)) for s in sorted(kl) if s in gold and math.isfinite(kl[s])
+    ]
+
+
+def _plot_overoptimization(ax, runs: list[RunData], colors: list[str]) -> None:
+    for i, run in enumerate(runs):
+        points = overoptimization_curve(run)
+        if not points:
+            continue
+        x, gold, proxy = zip(*points)
+        color = colors[i % len(colors)]
+        prefix = "" if len(runs) == 1 else f"{run.label}: "
+        ax.plot(x, gold, color=color, marker="o", markersize=3, label=f"{prefix}gold (val/gt_score)")
+        if all(v is not None for v in proxy):
+            ax.plot(
+                x, proxy, color=color, linestyle="--", marker="x", markersize=3, label=f"{prefix}proxy (val/reward)"
+            )
+    ax.set_xlabel("sqrt(KL to the reference), nats^0.5", fontsize=8)
+
+
 def _plotted(run: RunData, metric: str) -> bool:
     # RL stages log val/loss = -val/gt_score only to pick the best checkpoint: not a loss curve.
     if metric == "val/loss" and run.is_rl:
@@ -203,7 +237,9 @@ def plot(runs: list[RunData], out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = panels_for(runs)
+    panels: list[tuple[str, list[str] | None]] = list(panels_for(runs))
+    if any(overoptimization_curve(r) for r in runs):
+        panels.append((OVEROPT_TITLE, None))
     if not panels:
         raise ReportError(
             "the runs logged none of the plotted metrics: " + ", ".join(sorted({m for _, ms in PANELS for m in ms}))
@@ -213,6 +249,13 @@ def plot(runs: list[RunData], out: Path) -> Path:
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.6 * nrows), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (title, metrics) in zip(axes.flat, panels):
+        if metrics is None:  # the over-optimization panel
+            _plot_overoptimization(ax, runs, colors)
+            ax.set_title(title, fontsize=10)
+            ax.tick_params(labelsize=8)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+            continue
         for i, run in enumerate(runs):
             for j, metric in enumerate(metrics):
                 if not _plotted(run, metric):

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared RL helper
 
 from test_rollout import build_rl_assets, logprob_change, rl_config, toy_update
 
-from lmforge.config import ConfigError
+from lmforge.errors import ConfigError
 from lmforge.run import main
 from lmforge.training.checkpoint import load_checkpoint
 

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared RL helper
 from conftest import ROOT, train_py_cmd
 from test_rollout import build_rl_assets, logprob_change, make_reward_checkpoint, rl_config, toy_update
 
-from lmforge.config import ConfigError
+from lmforge.errors import ConfigError
 from lmforge.model import CausalLM
 from lmforge.run import main
 from lmforge.training.checkpoint import (

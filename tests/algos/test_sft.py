@@ -185,7 +185,7 @@ def test_init_from_loads_weights_and_takes_the_checkpoints_tokenizer(make_cfg, t
 
 
 def test_unknown_packing_mode_is_a_config_error(make_cfg, tmp_path):
-    from lmforge.config import ConfigError
+    from lmforge.errors import ConfigError
 
     with pytest.raises(ConfigError, match="algo.packing='pack'"):
         build(make_cfg("experiment=smoke", "algo=sft", "algo.packing=pack"), tmp_path / "run")

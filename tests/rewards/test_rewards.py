@@ -185,3 +185,43 @@ def test_a_reward_target_that_moved_still_resolves_with_a_warning(caplog):
             fn = resolve_callable(old)
         assert fn is resolve_callable(new)
         assert f"moved to {new}" in caplog.text
+
+
+def test_an_ensemble_of_reward_models_combines_conservatively(rl_assets, tmp_path):
+    """ensemble=uwo: mean - lambda * std over the reward models (each normalized by its own
+    statistics), one term; callables are still added with their weights."""
+    tok = rl_assets["tokenizer"]
+    paths = [make_reward_checkpoint(tmp_path / f"rm{k}.ckpt", tok, seed=k, head_bias=0.3 * k) for k in range(3)]
+    cfg = {
+        "sources": [{"ckpt": str(p)} for p in paths] + [{"_target_": "test_rewards.length_reward", "weight": -0.1}],
+        "ensemble": "uwo",
+        "ensemble_lambda": 0.5,
+    }
+    total, parts = build_reward(cfg, tokenizer=tok)(batch_of())
+    members = torch.stack([parts[f"rm_{k}"] for k in (1, 2, 3)])
+    mean, std = members.mean(0), members.std(0, correction=0)
+    assert (std > 0).all()  # different models disagree, so the penalty is not vacuous
+    torch.testing.assert_close(parts["ensemble"], mean - 0.5 * std)
+    torch.testing.assert_close(parts["ensemble_std"], std)
+    torch.testing.assert_close(total, mean - 0.5 * std - 0.1 * parts["length_reward"])
+    worst, _ = build_reward({**cfg, "ensemble": "wco"}, tokenizer=tok)(batch_of())
+    torch.testing.assert_close(worst, members.min(0).values - 0.1 * parts["length_reward"])
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"ensemble": "median"}, "use sum, mean, uwo, wco"),
+        ({"ensemble": "uwo", "ensemble_lambda": -1.0}, "must be a number >= 0"),
+        ({"ensemble": "uwo", "weights": [1.0, 0.5]}, "leave their weight at 1"),
+        ({"ensemble": "uwo", "one": True}, "at least two reward models"),
+    ],
+)
+def test_unusable_ensembles_are_refused(rl_assets, extra, message):
+    extra = dict(extra)
+    weights = extra.pop("weights", [1.0, 1.0])
+    sources = [{"ckpt": str(rl_assets["reward"]), "weight": w, "name": f"m{i}"} for i, w in enumerate(weights)]
+    if extra.pop("one", False):
+        sources = sources[:1]
+    with pytest.raises(RewardConfigError, match=message):
+        build_reward({"sources": sources, **extra}, tokenizer=rl_assets["tokenizer"])

@@ -50,6 +50,9 @@ class RLConfig:
     reward_clip: float = 0.0  # clip scores to [-reward_clip, reward_clip]; 0 = off
     kl_coef: float = 0.05  # beta (GRPO: the KL loss coefficient)
     kl_estimator: str = "k1"  # k1 | k2 | k3, per token (lmforge.rl.kl)
+    # Stop the run once the rollouts' KL to the reference (rollout/kl, nats per response) exceeds
+    # this budget: past it, a learned reward is mostly being over-optimized (Gao et al., 2022). 0 = off.
+    kl_budget: float = 0.0
     adaptive_kl: bool = False  # Ziegler et al.'s proportional controller towards kl_target
     kl_target: float = 6.0  # nats per sequence
     kl_horizon: int = 10000  # samples
@@ -158,6 +161,7 @@ def check_rl_config(cfg) -> None:
         "algo.micro_batch_size",
     )
     check(a.clip_eps is None or a.clip_eps > 0, f"algo.clip_eps={a.clip_eps} must be > 0 (or null)")
+    check(a.kl_budget >= 0, f"algo.kl_budget={a.kl_budget} must be >= 0 (nats per response; 0 = no budget)")
     check(
         a.eval_hard_prompts <= 0 or cfg.data.source == "synthetic",
         f"algo.eval_hard_prompts={a.eval_hard_prompts}: the hard split is the synthetic world's; set "

@@ -251,6 +251,14 @@ class RLStageModule(RolloutMixin, RLUpdateMixin, StageModule):
             self.log(k, float(v), prog_bar=k in shown, on_step=True, on_epoch=False)
         collapse_warning(metrics["rollout/entropy"], metrics["rollout/kl"], step=step)
         algo = self.cfg.algo
+        if kl_budget_spent(float(metrics["rollout/kl"]), algo.kl_budget):
+            log.warning(
+                "step %d: rollout/kl=%.3f exceeds algo.kl_budget=%g: stopping the run here",
+                step,
+                float(metrics["rollout/kl"]),
+                algo.kl_budget,
+            )
+            self.trainer.should_stop = True
         if algo.sample_every > 0 and step % algo.sample_every == 0:
             self.log_rollout_samples(ro, step)
 
@@ -442,6 +450,11 @@ class RLStageModule(RolloutMixin, RLUpdateMixin, StageModule):
 
 
 # ============================================================================ building
+
+
+def kl_budget_spent(kl: float, budget: float) -> bool:
+    """Whether a run with `algo.kl_budget=budget` (0 = no budget) stops at this KL."""
+    return budget > 0 and kl > budget
 
 
 def build_rl_stage(cfg, run_dir, module_cls, **module_kwargs):

@@ -21,7 +21,11 @@ The config (typed, `algo.reward`)::
         - {_target_: my.module.LengthPenalty, args: {per_char: 0.01}, weight: 1.0, name: length}
 
 The total reward is sum_i weight_i * source_i; every source's mean is logged separately
-(`rollout/reward/<name>`). Prompts passed to callables are the rendered prompts the policy saw
+(`rollout/reward/<name>`). With `ensemble: mean | uwo | wco` the reward models among the
+sources are an ensemble instead: their scores combine into one term (lmforge.rl.ensemble; uwo =
+mean - ensemble_lambda * std over the models, the conservative reward of Coste et al., 2023),
+logged as `rollout/reward/ensemble` with the models' disagreement as `rollout/reward/ensemble_std`;
+callables are still added with their weights. Prompts passed to callables are the rendered prompts the policy saw
 (data.prompt_template applied); responses are the decoded response texts without EOS/padding.
 """
 
@@ -31,10 +35,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+import torch
 from torch import Tensor
 
 from lmforge.rewards.reward_model import RewardModelSource
 from lmforge.rewards.source import CallableSource, RewardConfigError, RewardSource, ScoringBatch, resolve_callable
+from lmforge.rl.ensemble import ENSEMBLE_MODES, ensemble_reward, ensemble_std
 
 
 @dataclass
@@ -56,18 +62,43 @@ class RLRewardConfig:
     # Shorthand for `sources: [{ckpt: <model>}]`, the usual RLHF setup; combined with `sources`.
     model: Optional[str] = None
     sources: List[RewardSourceConfig] = field(default_factory=list)
+    # How the reward models among the sources combine: sum (each with its weight) | mean | uwo
+    # (mean - ensemble_lambda * std over the models) | wco (min over the models). Train the
+    # members on the same preferences with different seeds (python train.py algo=reward seed=k).
+    ensemble: str = "sum"
+    ensemble_lambda: float = 1.0
 
 
 class RewardFunction:
-    """sum_i weight_i * source_i(batch); returns the total and each source's own (unweighted) scores."""
+    """sum_i weight_i * source_i(batch), or with an ensemble mode the reward models' combined score
+    plus the weighted callables; returns the total and each source's own (unweighted) scores."""
 
-    def __init__(self, sources: list[tuple[RewardSource, float]]):
+    def __init__(self, sources: list[tuple[RewardSource, float]], ensemble: str = "sum", ensemble_lambda: float = 1.0):
         if not sources:
             raise RewardConfigError("a reward needs at least one source")
         names = [s.name for s, _ in sources]
         if len(set(names)) != len(names):
             raise RewardConfigError(f"reward source names must be unique, got {names}: set `name:` on the sources")
+        if ensemble not in ("sum", *ENSEMBLE_MODES):
+            raise RewardConfigError(f"algo.reward.ensemble={ensemble!r}: use sum, {', '.join(ENSEMBLE_MODES)}")
+        if ensemble != "sum":
+            if {"ensemble", "ensemble_std"} & set(names):
+                raise RewardConfigError("reward source names `ensemble` and `ensemble_std` are the ensemble's own")
+            members = [(s, w) for s, w in sources if isinstance(s, RewardModelSource)]
+            if len(members) < 2:
+                raise RewardConfigError(
+                    f"algo.reward.ensemble={ensemble} needs at least two reward models among the sources, got "
+                    f"{len(members)}: list them as algo.reward.sources=[{{ckpt: rm1}},{{ckpt: rm2}},...]"
+                )
+            if any(w != 1.0 for _, w in members):
+                raise RewardConfigError(
+                    f"algo.reward.ensemble={ensemble}: the ensemble's members are equals; leave their weight at 1"
+                )
+            if not (math.isfinite(ensemble_lambda) and ensemble_lambda >= 0):
+                raise RewardConfigError(f"algo.reward.ensemble_lambda={ensemble_lambda} must be a number >= 0")
         self.sources = sources
+        self.ensemble = ensemble
+        self.ensemble_lambda = float(ensemble_lambda)
 
     @property
     def reward_models(self) -> list[RewardModelSource]:
@@ -81,11 +112,20 @@ class RewardFunction:
     def __call__(self, batch: ScoringBatch, device=None) -> tuple[Tensor, dict[str, Tensor]]:
         parts: dict[str, Tensor] = {}
         total = None
+        members = []
         for source, weight in self.sources:
             s = source(batch).float()
             s = s.to(device) if device is not None else s
             parts[source.name] = s
+            if self.ensemble != "sum" and isinstance(source, RewardModelSource):
+                members.append(s)
+                continue
             total = weight * s if total is None else total + weight * s
+        if members:
+            scores = torch.stack(members)
+            combined = ensemble_reward(scores, self.ensemble, self.ensemble_lambda)
+            parts["ensemble"], parts["ensemble_std"] = combined, ensemble_std(scores)
+            total = combined if total is None else total + combined
         return total, parts
 
 
@@ -135,4 +175,4 @@ def build_reward(cfg, tokenizer=None, micro_batch_size: int = 32) -> RewardFunct
         else:
             source = CallableSource(resolve_callable(e["_target_"], e["args"]), name=e["name"])
         sources.append((source, e["weight"]))
-    return RewardFunction(sources)
+    return RewardFunction(sources, ensemble=cfg.get("ensemble", "sum"), ensemble_lambda=cfg.get("ensemble_lambda", 1.0))

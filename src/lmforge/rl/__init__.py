@@ -14,6 +14,7 @@ from .advantages import (
     rloo_advantages,
     token_rewards,
 )
+from .ensemble import ENSEMBLE_MODES, ensemble_reward, ensemble_std
 from .kl import AdaptiveKLController, FixedKLController, kl_estimate, kl_k1, kl_k2, kl_k3
 from .losses import (
     LOSS_AGGS,
@@ -35,6 +36,7 @@ from .losses import (
 from .stats import explained_variance, masked_mean, masked_var, masked_whiten
 
 __all__ = [
+    "ENSEMBLE_MODES",
     "LOSS_AGGS",
     "AdaptiveKLController",
     "LossNorm",
@@ -43,6 +45,8 @@ __all__ = [
     "MovingAverageBaseline",
     "bradley_terry_loss",
     "discounted_returns",
+    "ensemble_reward",
+    "ensemble_std",
     "entropy_from_logits",
     "explained_variance",
     "gae_advantages",
