@@ -11,7 +11,8 @@ from _reliability import tiny_cfg
 from conftest import compose_config
 from omegaconf import OmegaConf, open_dict
 
-from lmforge.errors import ConfigError, validate
+from lmforge.config import validate
+from lmforge.errors import ConfigError
 from lmforge.model import ModelConfigError
 from lmforge.run import main
 from lmforge.training import fault

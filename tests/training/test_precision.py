@@ -65,7 +65,8 @@ def test_auto_precision_for_each_kind_of_machine(monkeypatch, cuda, cuda_bf16, c
 
 
 def test_precision_names_are_normalized_and_typos_refused(make_cfg):
-    from lmforge.errors import ConfigError, validate
+    from lmforge.config import validate
+    from lmforge.errors import ConfigError
 
     assert resolve_precision(TrainerConfig(precision="bf16")) == "bf16-mixed"  # Lightning's short form
     assert resolve_precision(TrainerConfig(precision="32")) == "32-true"
