@@ -225,23 +225,40 @@ class SyntheticWorld:
             s_a, s_b = score_response(task, a), score_response(task, b)
             if s_a == s_b:
                 continue
-            if noise == 0:
-                a_wins = s_a > s_b
-            else:
-                z = (s_a - s_b) / noise
-                p_a = 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
-                a_wins = rng.random() < p_a
-            (chosen, cs), (rejected, rs) = ((a, s_a), (b, s_b)) if a_wins else ((b, s_b), (a, s_a))
-            pairs.append(
-                {
-                    "prompt": format_prompt(task.prompt),
-                    "chosen": chosen,
-                    "rejected": rejected,
-                    "chosen_score": cs,
-                    "rejected_score": rs,
-                }
-            )
+            pairs.append(_labelled(task, (a, s_a), (b, s_b), noise, rng))
         return pairs
+
+    def rank_samples(self, task: Task, responses: Sequence[str], noise: float, rng: random.Random) -> list[dict]:
+        """The simulated annotator's verdicts on a policy's own samples for ``task`` (InstructGPT's
+        comparisons of model outputs): every pair of distinct responses that the judge does not tie,
+        labelled as :meth:`preference_pairs` labels its pairs. Same record format."""
+        if noise < 0:
+            raise ValueError(f"noise must be >= 0, got {noise}")
+        distinct = list(dict.fromkeys(responses))
+        scored = [(r, score_response(task, r)) for r in distinct]
+        return [
+            _labelled(task, a, b, noise, rng) for i, a in enumerate(scored) for b in scored[i + 1 :] if a[1] != b[1]
+        ]
+
+
+def annotator_prefers_a(s_a: float, s_b: float, noise: float, rng: random.Random) -> bool:
+    """The Bradley-Terry annotator: A w.p. sigmoid((s_A - s_B) / noise); noise 0 = the judge's order."""
+    if noise == 0:
+        return s_a > s_b
+    z = (s_a - s_b) / noise
+    p_a = 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+    return rng.random() < p_a
+
+
+def _labelled(task: Task, a: tuple[str, float], b: tuple[str, float], noise: float, rng: random.Random) -> dict:
+    (chosen, cs), (rejected, rs) = (a, b) if annotator_prefers_a(a[1], b[1], noise, rng) else (b, a)
+    return {
+        "prompt": format_prompt(task.prompt),
+        "chosen": chosen,
+        "rejected": rejected,
+        "chosen_score": cs,
+        "rejected_score": rs,
+    }
 
 
 def held_out_prompts(seed: int, n: int, split: str = "test") -> list[str]:
