@@ -79,6 +79,18 @@ def compose_cli(
     return cfg
 
 
+def check_keys(argv: list[str], schema: type) -> None:
+    """An unknown key as one line naming the schema's options (Hydra's own message takes two and
+    suggests `+key=`, which the typed config would refuse anyway)."""
+    from dataclasses import fields
+
+    options = [f.name for f in fields(schema)]
+    for arg in argv:
+        key, sep, _ = arg.partition("=")
+        if sep and key.lstrip("+~") not in options:
+            raise UsageError(f"unknown option {key!r}; options: {', '.join(options)}")
+
+
 def run_cli(main: Callable[[list[str]], Any], argv: list[str], doc: str) -> int:
     """Shared CLI wrapper: --help, and user errors as one message (exit 2), not a traceback."""
     from hydra.errors import HydraException

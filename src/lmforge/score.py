@@ -26,9 +26,7 @@ import json
 import sys
 from pathlib import Path
 
-from lmforge.data.preference_data import (
-    iter_json_objects,
-)
+from lmforge.data.preference_records import iter_json_objects
 from lmforge.data.templates import BadRecords, encode_pair
 from lmforge.errors import DataError, UsageError
 from lmforge.eval.reward_scoring import RewardScorer, synthetic_judge_pairs

@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import List, Optional
 
 from omegaconf import MISSING
 
-from lmforge.cli import compose_cli, read_prompts, register_schema, run_cli
+from lmforge.cli import check_keys, compose_cli, read_prompts, register_schema, run_cli
 from lmforge.errors import UsageError
 from lmforge.eval.winrate import check_ci_options, head_to_head, make_referee
 from lmforge.inference.language_model import LanguageModel, SamplingSettings, make_generator
@@ -89,16 +89,6 @@ def load_prompts(spec: str, prompt_field: str = "prompt") -> list[str]:
     if not prompts:
         raise UsageError(f"prompts={spec}: no prompts in it")
     return prompts
-
-
-def check_keys(argv: list[str]) -> None:
-    """An unknown key as one line naming the options (Hydra's own message takes two and
-    suggests `+key=`, which the typed config would refuse anyway)."""
-    options = [f.name for f in fields(WinrateConfig)]
-    for arg in argv:
-        key, sep, _ = arg.partition("=")
-        if sep and key.lstrip("+~") not in options:
-            raise UsageError(f"unknown option {key!r}; options: {', '.join(options)}")
 
 
 def load_policy(which: str, path: str, device: str) -> LanguageModel:
@@ -183,7 +173,7 @@ def main(argv: list[str] | None = None):
     argv = [a for a in argv if a != "--cfg"]
     from omegaconf import OmegaConf
 
-    check_keys(argv)
+    check_keys(argv, WinrateConfig)
     composed = compose_cli("winrate", argv, schema="winrate_schema")
     if show_cfg:
         print(OmegaConf.to_yaml(composed))

@@ -219,7 +219,8 @@ def test_pretrain_then_reward_end_to_end(tmp_path, shared_cache):
 
 
 def test_judge_agreement_counts_the_pairs_the_judge_orders_the_same_way(tmp_path, tok):
-    from lmforge.data.preference_data import PreferencePair, encode_preferences
+    from lmforge.data.preference_data import encode_preferences
+    from lmforge.data.preference_records import PreferencePair
     from lmforge.data.templates import BadRecords
 
     module = make_module(tmp_path, tok)

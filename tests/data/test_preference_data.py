@@ -12,11 +12,13 @@ from lmforge.data.preference_data import (
     EncodedPair,
     PairStream,
     PreferenceBatching,
-    PreferencePair,
     collate_pairs,
     encode_preferences,
     load_preference_splits,
     pad_batch,
+)
+from lmforge.data.preference_records import (
+    PreferencePair,
     parse_hh_record,
     parse_jsonl_record,
     read_preference_file,
@@ -286,7 +288,7 @@ def test_synthetic_splits_hold_held_out_judge_pairs(tok):
 
 
 def test_unseen_pairs_are_new_pairs_of_training_prompts():
-    from lmforge.data.preference_data import unseen_pairs
+    from lmforge.data.preference_records import unseen_pairs
     from lmforge.world.splits import split_of
     from lmforge.world.tasks import strip_prompt_template
 

@@ -153,7 +153,7 @@ def test_errors_become_messages_and_exit_codes(tmp_path, capsys):
 
 
 def test_agreement_with_the_noiseless_judge_on_synthetic_pairs(reward_ckpt):
-    from lmforge.data.preference_data import synthetic_pairs
+    from lmforge.data.preference_records import synthetic_pairs
     from lmforge.data.templates import encode_pair
 
     out = main([f"ckpt={reward_ckpt}", "input=synthetic:test:40"])
@@ -187,7 +187,7 @@ def test_agreement_on_the_hard_split_by_kind(reward_ckpt):
 
 
 def test_seen_synthetic_pairs_are_training_prompts_the_run_did_not_train_on(reward_ckpt):
-    from lmforge.data.preference_data import synthetic_pairs
+    from lmforge.data.preference_records import synthetic_pairs
     from lmforge.eval.reward_scoring import synthetic_judge_pairs
     from lmforge.world.splits import split_of
 
@@ -203,3 +203,27 @@ def test_seen_synthetic_pairs_are_training_prompts_the_run_did_not_train_on(rewa
     for bad in ("synthetic:val", "synthetic:test:x", "synthetic:seen:0", "synthetic:hard:0"):
         with pytest.raises(UsageError, match="use synthetic:test, synthetic:hard or synthetic:seen"):
             main([f"ckpt={reward_ckpt}", f"input={bad}"])
+
+
+def test_seen_pairs_leave_out_the_runs_extra_pairs_too(reward_ckpt, tmp_path):
+    from lmforge.eval.reward_scoring import synthetic_judge_pairs
+
+    scorer = RewardScorer(reward_ckpt)
+    fresh = synthetic_judge_pairs(scorer, "synthetic:seen:20")
+    # The run had also trained on the first of those (data.extra_pairs): it is no longer new.
+    first = fresh[0]
+    record = {
+        "prompt": strip_prompt_template(first.prompt),
+        "chosen": first.chosen[1:],
+        "rejected": first.rejected[1:],
+    }
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text(json.dumps(record) + "\n")
+    scorer.data_config = {**scorer.data_config, "extra_pairs": str(extra)}
+    again = synthetic_judge_pairs(scorer, "synthetic:seen:20")
+    assert len(again) == 20 and (first.prompt, first.chosen, first.rejected) not in {
+        (p.prompt, p.chosen, p.rejected) for p in again
+    }
+    extra.unlink()
+    with pytest.raises(UsageError, match="also trained on data.extra_pairs=.*which is gone"):
+        synthetic_judge_pairs(scorer, "synthetic:seen:20")

@@ -152,7 +152,8 @@ def test_data_feedback_reads_the_database_directly(db, tmp_path):
     from hydra.core.config_store import ConfigStore
 
     from lmforge.data.config import DATA_SCHEMAS, FeedbackDataConfig
-    from lmforge.data.preference_data import read_feedback_pairs, read_preference_file
+    from lmforge.data.preference_data import read_feedback_pairs
+    from lmforge.data.preference_records import read_preference_file
 
     if "feedback" not in DATA_SCHEMAS:  # until lmforge.data.config registers it
         ConfigStore.instance().store(group="data", name="feedback_schema", node=FeedbackDataConfig)
@@ -175,7 +176,8 @@ def test_data_feedback_through_the_reward_datamodule(db, tmp_path, ckpts):  # no
 
     if "feedback" not in DATA_SCHEMAS:
         pytest.skip("lmforge.data.config.DATA_SCHEMAS has no 'feedback' source yet (the registration patch)")
-    from lmforge.data.preference_data import is_val_prompt, read_feedback_pairs
+    from lmforge.data.preference_data import read_feedback_pairs
+    from lmforge.data.preference_records import is_val_prompt
     from lmforge.training.checkpoint import load_checkpoint
 
     rendered = sorted(

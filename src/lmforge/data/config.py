@@ -65,6 +65,10 @@ class SyntheticDataConfig(DataConfig):
     n_eval: int = 256
     # Simulated annotator: Bradley-Terry noise temperature (0 = always prefers the better one).
     annotator_noise: float = 0.0
+    # More training pairs for the reward stage, from a JSONL file of {prompt, chosen, rejected}
+    # on the world's training prompts: e.g. the annotator's verdicts on the SFT policy's own
+    # samples, written by `python -m lmforge.label`.
+    extra_pairs: Optional[str] = None
 
 
 @dataclass

@@ -99,7 +99,7 @@ def jsonl_prompts(cfg, path: str, bad: BadRecords, config_key: str) -> list[tupl
 
 
 def hh_prompts(cfg, path: str, bad: BadRecords, config_key: str) -> list[tuple[str, str, str]]:
-    from lmforge.data.preference_data import split_dialogue
+    from lmforge.data.preference_records import split_dialogue
     from lmforge.data.sft_data import iter_jsonl_tolerant
 
     out = []

@@ -6,19 +6,14 @@ its command line.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-from lmforge.data.preference_data import (
-    PreferencePair,
-    encode_preferences,
-    iter_json_objects,
-    pad_batch,
-    parse_hh_record,
-    parse_jsonl_record,
-)
+from lmforge.data.preference_data import encode_preferences, pad_batch
+from lmforge.data.preference_records import PreferencePair, iter_json_objects, parse_hh_record, parse_jsonl_record
 from lmforge.data.templates import BadRecords, encode_pair, render_prompt
 from lmforge.errors import DataError, UsageError
 from lmforge.hf.importer import load_any_checkpoint
@@ -131,7 +126,7 @@ def synthetic_judge_pairs(scorer: RewardScorer, spec: str) -> list[PreferencePai
     """`synthetic:test[:N]`, `synthetic:hard[:N]` or `synthetic:seen[:N]`: pairs ordered by the
     world's noiseless judge (chosen = the better response), rendered as the checkpoint's run
     rendered them (raw= aside). `hard` is the world's split of longer numbers, never trained on."""
-    from lmforge.data.preference_data import synthetic_pairs, unseen_pairs
+    from lmforge.data.preference_records import extra_world_pairs, synthetic_pairs, unseen_pairs
 
     _, _, rest = spec.partition(":")
     which, _, n = rest.partition(":")
@@ -152,4 +147,11 @@ def synthetic_judge_pairs(scorer: RewardScorer, spec: str) -> list[PreferencePai
             "which synthetic pairs it saw is unknown; synthetic:test and synthetic:hard need no such knowledge"
         )
     trained = synthetic_pairs(cfg, int(data["n_pairs"]), "train", float(data.get("annotator_noise", 0.0)))
+    if data.get("extra_pairs"):  # the run also trained on these (data.extra_pairs): none of them is "new"
+        if not os.path.isfile(data["extra_pairs"]):
+            raise UsageError(
+                f"input={spec!r}: the checkpoint also trained on data.extra_pairs={data['extra_pairs']}, which is "
+                "gone, so which pairs it saw is unknown; synthetic:test and synthetic:hard need no such knowledge"
+            )
+        trained += extra_world_pairs(SimpleNamespace(**vars(cfg), extra_pairs=data["extra_pairs"]), BadRecords("skip"))
     return unseen_pairs(cfg, n_pairs, trained)
