@@ -91,6 +91,27 @@ def check_keys(argv: list[str], schema: type) -> None:
             raise UsageError(f"unknown option {key!r}; options: {', '.join(options)}")
 
 
+def compose_command(name: str, schema: type, argv: list[str], required: dict[str, str], purpose: str = ""):
+    """A `python -m lmforge.<name>` command's typed config object from argv (unknown keys and
+    missing `required` keys refused as one line: {key: what to give}, and what they are for); None after `--cfg`
+    printed the composed config."""
+    from omegaconf import OmegaConf
+
+    show_cfg = "--cfg" in argv
+    argv = [a for a in argv if a != "--cfg"]
+    check_keys(argv, schema)
+    composed = compose_cli(name, argv, schema=f"{name}_schema")
+    if show_cfg:
+        print(OmegaConf.to_yaml(composed))
+        return None
+    missing = [k for k in required if OmegaConf.is_missing(composed, k)]
+    if missing:
+        raise UsageError(
+            f"give {' and '.join(f'{k}={required[k]}' for k in missing)}" + (f" ({purpose})" if purpose else "")
+        )
+    return OmegaConf.to_object(composed)
+
+
 def run_cli(main: Callable[[list[str]], Any], argv: list[str], doc: str) -> int:
     """Shared CLI wrapper: --help, and user errors as one message (exit 2), not a traceback."""
     from hydra.errors import HydraException

@@ -35,7 +35,7 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from lmforge.cli import check_keys, compose_cli, register_schema, run_cli
+from lmforge.cli import compose_command, register_schema, run_cli
 from lmforge.errors import UsageError
 from lmforge.inference.language_model import LanguageModel, SamplingSettings, make_generator
 
@@ -137,19 +137,12 @@ def label(cfg: LabelConfig) -> dict:
 
 def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
-    show_cfg = "--cfg" in argv
-    argv = [a for a in argv if a != "--cfg"]
-    from omegaconf import OmegaConf
-
-    check_keys(argv, LabelConfig)
-    composed = compose_cli("label", argv, schema="label_schema")
-    if show_cfg:
-        print(OmegaConf.to_yaml(composed))
+    cfg = compose_command(
+        "label", LabelConfig, argv, {"policy": "...", "out": "..."}, "the policy to sample, the JSONL to write"
+    )
+    if cfg is None:  # --cfg
         return None
-    missing = [k for k in ("policy", "out") if OmegaConf.is_missing(composed, k)]
-    if missing:
-        raise UsageError(f"give {' and '.join(f'{k}=...' for k in missing)} (the policy to sample, the JSONL to write)")
-    result = label(OmegaConf.to_object(composed))
+    result = label(cfg)
     print(json.dumps(result, ensure_ascii=False))
     return result
 

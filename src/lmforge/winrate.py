@@ -36,7 +36,7 @@ from typing import List, Optional
 
 from omegaconf import MISSING
 
-from lmforge.cli import check_keys, compose_cli, read_prompts, register_schema, run_cli
+from lmforge.cli import compose_command, read_prompts, register_schema, run_cli
 from lmforge.errors import UsageError
 from lmforge.eval.winrate import check_ci_options, head_to_head, make_referee
 from lmforge.inference.language_model import LanguageModel, SamplingSettings, make_generator
@@ -169,19 +169,12 @@ def run(cfg: WinrateConfig) -> dict:
 
 def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
-    show_cfg = "--cfg" in argv
-    argv = [a for a in argv if a != "--cfg"]
-    from omegaconf import OmegaConf
-
-    check_keys(argv, WinrateConfig)
-    composed = compose_cli("winrate", argv, schema="winrate_schema")
-    if show_cfg:
-        print(OmegaConf.to_yaml(composed))
+    cfg = compose_command(
+        "winrate", WinrateConfig, argv, {"a": "<checkpoint>", "b": "<checkpoint>"}, "two policies to compare"
+    )
+    if cfg is None:  # --cfg
         return None
-    missing = [k for k in ("a", "b") if OmegaConf.is_missing(composed, k)]
-    if missing:
-        raise UsageError(f"give {' and '.join(f'{k}=<checkpoint>' for k in missing)} (two policies to compare)")
-    result = run(OmegaConf.to_object(composed))
+    result = run(cfg)
     print(json.dumps(result, ensure_ascii=False))
     print(summary_line(result), file=sys.stderr)
     return result
