@@ -4,7 +4,8 @@ Pretraining under DDP/FSDP in fp32 is covered step for step in test_strategies.p
 runs two steps on two ranks (the later stages from the small policy/reward checkpoints of the RL
 tests) with fused AdamW, and must finish with one checkpoint of its stage, loadable in one
 process, and one metrics file. SFT and reward share the supervised path (StageModule, automatic
-optimization), so each takes one strategy and the pair covers both; pretraining and PPO (manual
+optimization), so each takes one strategy and the pair covers both; DPO (automatic optimization,
+a frozen reference, held-out generation) takes both; pretraining and PPO (manual
 optimization, generation, frozen models) take both, PPO in both precisions.
 """
 
@@ -64,6 +65,17 @@ def stage_overrides(stage: str, assets: dict) -> list[str]:
         ]
     if stage == "reward":
         return [*init, "algo=reward", "data.n_pairs=200", "algo.batch_size=4", "algo.val_batches=1"]
+    if stage == "dpo":
+        return [
+            *init,
+            "algo=dpo",
+            "data.n_pairs=200",
+            "algo.batch_size=4",
+            "algo.val_batches=1",
+            "algo.eval_prompts=4",
+            "algo.max_new_tokens=4",
+            "algo.n_samples=1",
+        ]
     return [
         *init,
         "algo=ppo",
@@ -88,6 +100,8 @@ def stage_overrides(stage: str, assets: dict) -> list[str]:
         ("pretrain", "fsdp", "bf16-mixed"),
         ("sft", "fsdp", "bf16-mixed"),
         ("reward", "ddp", "bf16-mixed"),
+        ("dpo", "ddp", "bf16-mixed"),
+        ("dpo", "fsdp", "bf16-mixed"),
         ("ppo", "ddp", "bf16-mixed"),
         ("ppo", "fsdp", "bf16-mixed"),
         ("ppo", "fsdp-bf16-params", "bf16-mixed"),
@@ -119,9 +133,13 @@ def test_stage_runs_on_two_ranks(tmp_path, assets, stage, strategy, precision):
     assert len(list(tmp_path.rglob("metrics.csv"))) == 1  # rank zero only
     rows = read_metrics(run)
     keys = {k for r in rows for k, v in r.items() if v}
-    expected = {"pretrain": "val/loss", "sft": "val/loss", "reward": "val/accuracy", "ppo": "rollout/reward_mean"}[
-        stage
-    ]
+    expected = {
+        "pretrain": "val/loss",
+        "sft": "val/loss",
+        "reward": "val/accuracy",
+        "dpo": "val/kl",
+        "ppo": "rollout/reward_mean",
+    }[stage]
     assert expected in keys, sorted(keys)
     if stage == "ppo":
         # Statistics reduced over both ranks' rollouts: 2 ranks x 4 responses.

@@ -62,15 +62,12 @@ from lmforge.hf.importer import load_any_checkpoint
 from lmforge.rewards.reward_function import RewardFunction, build_reward
 from lmforge.rl import AdaptiveKLController, FixedKLController, token_rewards
 from lmforge.rl.stats import masked_mean
-from lmforge.training.checkpoint import check_compatible, require_stage
+from lmforge.training.checkpoint import POLICY_STAGES, check_compatible, require_stage
 from lmforge.training.fault import collapse_warning
 from lmforge.training.fsdp import gathered_for_generation
 from lmforge.training.tracking import log_text_samples
 
 log = logging.getLogger(__name__)
-
-# Checkpoint stages a policy may start from: a language model, never a reward model.
-POLICY_STAGES = ("pretrain", "sft", "ppo", "reinforce", "rloo", "grpo")
 
 
 def distributed_sum():

@@ -52,6 +52,12 @@ class EncodedPair:
     chosen: list[int]  # prompt + chosen response + EOS
     rejected: list[int]
     truncated: bool  # prompt tokens were dropped from the left of either sequence
+    # The first n_prompt_* ids of each sequence are prompt tokens (the rest is the response + EOS).
+    n_prompt_chosen: int = 0
+    n_prompt_rejected: int = 0
+    # (chosen, rejected) sequence log-probabilities under a frozen reference policy, when an
+    # offline preference stage precomputed them (algo=dpo algo.precompute_ref=true).
+    ref_logps: tuple[float, float] | None = None
 
 
 # ==================================================================== encoding
@@ -61,7 +67,7 @@ def encode_preference(tok: Tokenizer, pair: PreferencePair, max_len: int) -> Enc
     """Both sequences of a pair; DataError if a response (+EOS) cannot fit in max_len."""
     c = encode_pair(tok, pair.prompt, pair.chosen, max_len)
     r = encode_pair(tok, pair.prompt, pair.rejected, max_len)
-    return EncodedPair(c.ids, r.ids, c.truncated or r.truncated)
+    return EncodedPair(c.ids, r.ids, c.truncated or r.truncated, c.n_prompt, r.n_prompt)
 
 
 def encode_preferences(
@@ -103,20 +109,39 @@ def pad_batch(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[
     return ids, mask
 
 
-def collate_pairs(pairs: list[EncodedPair], pad_id: int = 0, side: str = "right") -> dict[str, torch.Tensor]:
-    """B pairs -> one (2B, T) batch: rows [0, B) chosen, rows [B, 2B) rejected."""
-    ids, mask = pad_batch([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id, side)
-    return {"input_ids": ids, "attention_mask": mask}
+def collate_pairs(
+    pairs: list[EncodedPair], pad_id: int = 0, side: str = "right", response_mask: bool = False
+) -> dict[str, torch.Tensor]:
+    """B pairs -> one (2B, T) batch: rows [0, B) chosen, rows [B, 2B) rejected.
+
+    With `response_mask` (right padding only) also "response_mask", (2B, T) bool, True at the
+    response tokens and EOS of each row, and, when every pair carries them, "ref_logps", (2B,)
+    the precomputed reference log-probabilities in the same row order."""
+    seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    ids, mask = pad_batch(seqs, pad_id, side)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if response_mask:
+        if side != "right":
+            raise ValueError("response_mask needs right-padded pairs")
+        starts = [p.n_prompt_chosen for p in pairs] + [p.n_prompt_rejected for p in pairs]
+        cols = torch.arange(ids.shape[1])
+        lengths = torch.tensor([len(s) for s in seqs])
+        batch["response_mask"] = (cols >= torch.tensor(starts)[:, None]) & (cols < lengths[:, None])
+        if pairs and all(p.ref_logps is not None for p in pairs):
+            batch["ref_logps"] = torch.tensor(
+                [p.ref_logps[0] for p in pairs] + [p.ref_logps[1] for p in pairs], dtype=torch.float32
+            )
+    return batch
 
 
 class PairCollator:
     """Picklable collate_fn (DataLoader workers)."""
 
-    def __init__(self, pad_id: int, side: str = "right"):
-        self.pad_id, self.side = pad_id, side
+    def __init__(self, pad_id: int, side: str = "right", response_mask: bool = False):
+        self.pad_id, self.side, self.response_mask = pad_id, side, response_mask
 
     def __call__(self, pairs: list[EncodedPair]) -> dict[str, torch.Tensor]:
-        return collate_pairs(pairs, self.pad_id, self.side)
+        return collate_pairs(pairs, self.pad_id, self.side, self.response_mask)
 
 
 # =================================================================== datamodule
@@ -282,11 +307,13 @@ def preference_tokenizer(cfg) -> Tokenizer:
 
 
 class PreferenceDataModule(L.LightningDataModule):
-    def __init__(self, cfg, batching: PreferenceBatching, tokenizer: Tokenizer):
+    def __init__(self, cfg, batching: PreferenceBatching, tokenizer: Tokenizer, response_mask: bool = False):
         super().__init__()
         self.cfg, self.batching, self.tokenizer = cfg, batching, tokenizer
         self.splits: PreferenceSplits | None = None
-        self.collate = PairCollator(tokenizer.pad_id, "right")
+        # response_mask: batches also mark the response tokens (offline preference optimization
+        # scores the responses' log-probabilities; a reward model reads only the last token).
+        self.collate = PairCollator(tokenizer.pad_id, "right", response_mask)
 
     def load(self) -> PreferenceSplits:
         if self.splits is None:

@@ -132,12 +132,18 @@ class LanguageModel:
 
         from lmforge.hf.importer import load_any_checkpoint
         from lmforge.model import CausalLM
-        from lmforge.training.checkpoint import CheckpointError, load_matching, require_stage, submodule_state
+        from lmforge.training.checkpoint import (
+            POLICY_STAGES,
+            CheckpointError,
+            load_matching,
+            require_stage,
+            submodule_state,
+        )
 
         self.path = Path(path)
         ckpt = load_any_checkpoint(self.path)
         if ckpt.stage == "reward":
-            require_stage(ckpt, ("pretrain", "sft", "ppo", "reinforce", "rloo", "grpo"), "ckpt")
+            require_stage(ckpt, POLICY_STAGES, "ckpt")
         weights = submodule_state(ckpt.state_dict, "model")
         if not weights:
             raise CheckpointError(f"ckpt={self.path} ('{ckpt.stage}' checkpoint) has no model.* weights to sample from")

@@ -33,11 +33,13 @@ from .losses import (
     token_mean,
     value_loss,
 )
+from .preference import PREFERENCE_LOSSES, dpo_loss, ipo_loss, sequence_logprobs, simpo_loss
 from .stats import explained_variance, masked_mean, masked_var, masked_whiten
 
 __all__ = [
     "ENSEMBLE_MODES",
     "LOSS_AGGS",
+    "PREFERENCE_LOSSES",
     "AdaptiveKLController",
     "LossNorm",
     "aggregate",
@@ -45,6 +47,7 @@ __all__ = [
     "MovingAverageBaseline",
     "bradley_terry_loss",
     "discounted_returns",
+    "dpo_loss",
     "ensemble_reward",
     "ensemble_std",
     "entropy_from_logits",
@@ -52,6 +55,7 @@ __all__ = [
     "gae_advantages",
     "grpo_advantages",
     "grpo_loss",
+    "ipo_loss",
     "kl_estimate",
     "kl_k1",
     "kl_k2",
@@ -67,6 +71,8 @@ __all__ = [
     "rloo_advantages",
     "seq_mean_token_mean",
     "seq_mean_token_sum_norm",
+    "sequence_logprobs",
+    "simpo_loss",
     "token_entropy",
     "token_mean",
     "token_rewards",

@@ -128,6 +128,11 @@ def load_matching(module: torch.nn.Module, state: dict[str, torch.Tensor], sourc
     module.load_state_dict(state, strict=True)
 
 
+# Checkpoint stages that hold a language model (backbone + LM head) a policy can start from or
+# sample: every stage but the reward model's (a scalar head).
+POLICY_STAGES = ("pretrain", "sft", "dpo", "ppo", "reinforce", "rloo", "grpo")
+
+
 def require_stage(ckpt: StageCheckpoint, allowed: Iterable[str], what: str) -> None:
     allowed = tuple(allowed)
     if ckpt.stage not in allowed:
