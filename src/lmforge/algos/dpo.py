@@ -31,8 +31,8 @@ import torch
 from torch import Tensor
 
 from lmforge.algos.base import StageModule, check_vocab, model_config
-from lmforge.algos.rollout import gt_judge, response_logits, sample_rollout, token_kl
-from lmforge.eval.heldout import kind_means, kind_sums
+from lmforge.algos.rollout import gt_judge, judged_sums, response_logits, sample_rollout, token_kl
+from lmforge.eval.heldout import kind_means
 from lmforge.rl import logprobs_from_logits
 from lmforge.rl.preference import PREFERENCE_LOSSES, dpo_loss, ipo_loss, sequence_logprobs, simpo_loss
 from lmforge.training.checkpoint import POLICY_STAGES, require_stage
@@ -286,14 +286,7 @@ class DPOModule(StageModule):
         }
         examples = [{"prompt": p.text, "sample": r} for p, r in zip(ro.prompts, ro.responses)]
         if self.judge is not None:
-            raw = [p.raw for p in ro.prompts]
-            scores = self.judge(raw, ro.responses)
-            gt = torch.tensor(scores, dtype=torch.float64, device=self.device)
-            sums["gt_score"], sums["exact"] = gt.sum(), (gt == 1.0).double().sum()
-            for k, v in kind_sums(raw, scores, "gt_score").items():
-                sums[k] = torch.tensor(v, dtype=torch.float64, device=self.device)
-            for ex, g in zip(examples, scores):
-                ex["gt_score"] = g
+            sums.update(judged_sums(self.judge, ro, examples, self.device))
         return sums, examples
 
     # -- optimizer, checkpoints --------------------------------------------------------

@@ -51,13 +51,14 @@ from lmforge.algos.rollout import (
     Rollout,
     RolloutMixin,
     gt_judge,
+    judged_sums,
     response_logits,
     sample_rollout,
     scoring_batch,
     seed_for,
     token_kl,
 )
-from lmforge.eval.heldout import kind_means, kind_sums
+from lmforge.eval.heldout import kind_means
 from lmforge.hf.importer import load_any_checkpoint
 from lmforge.rewards.reward_function import RewardFunction, build_reward
 from lmforge.rl import AdaptiveKLController, FixedKLController, token_rewards
@@ -333,16 +334,7 @@ class RLStageModule(RolloutMixin, RLUpdateMixin, StageModule):
             for p, r, s in zip(ro.prompts, ro.responses, reward)
         ]
         if self.judge is not None:
-            raw = [p.raw for p in ro.prompts]
-            scores = self.judge(raw, ro.responses)
-            gt = torch.tensor(scores, dtype=torch.float64, device=self.device)
-            sums["gt_score"], sums["exact"] = gt.sum(), (gt == 1.0).double().sum()
-            # Per task kind: "gt_score/add", "exact/add", "n/add", ... (every kind, so every rank
-            # reduces the same keys)
-            for k, v in kind_sums(raw, scores, "gt_score").items():
-                sums[k] = torch.tensor(v, dtype=torch.float64, device=self.device)
-            for ex, g in zip(examples, gt.tolist()):
-                ex["gt_score"] = g
+            sums.update(judged_sums(self.judge, ro, examples, self.device))
         return sums, examples
 
     def eval_metrics(self, sums: dict[str, Tensor], prefix: str = "val") -> dict[str, float]:

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lmforge.eval.heldout import kind_sums
 from lmforge.model import generate
 from lmforge.rewards.source import ScoringBatch
 from lmforge.rl import kl_estimate, logprobs_from_logits, token_entropy
@@ -189,6 +190,21 @@ def gt_judge(data_cfg):
     from lmforge.world.judge import judge_batch
 
     return judge_batch
+
+
+def judged_sums(judge, ro: Rollout, examples: list[dict], device) -> dict[str, Tensor]:
+    """The held-out sums of the judge's scores of a rollout's responses: "gt_score", "exact" and,
+    per task kind, "gt_score/add", "exact/add", "n/add", ... (every kind, so every rank reduces
+    the same keys); each example gets its "gt_score"."""
+    raw = [p.raw for p in ro.prompts]
+    scores = judge(raw, ro.responses)
+    gt = torch.tensor(scores, dtype=torch.float64, device=device)
+    sums = {"gt_score": gt.sum(), "exact": (gt == 1.0).double().sum()}
+    for k, v in kind_sums(raw, scores, "gt_score").items():
+        sums[k] = torch.tensor(v, dtype=torch.float64, device=device)
+    for ex, g in zip(examples, gt.tolist()):
+        ex["gt_score"] = g
+    return sums
 
 
 class RolloutMixin:

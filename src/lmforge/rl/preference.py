@@ -80,6 +80,15 @@ def _stats(r_chosen: Tensor, r_rejected: Tensor) -> dict[str, Tensor]:
         }
 
 
+def _log_ratios(
+    policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, beta: float
+) -> tuple[Tensor, Tensor]:
+    """(log pi/ref of the chosen responses, of the rejected ones), in fp32."""
+    if beta <= 0:
+        raise ValueError(f"beta={beta} must be positive")
+    return policy_chosen.float() - ref_chosen.float(), policy_rejected.float() - ref_rejected.float()
+
+
 def dpo_loss(
     policy_chosen: Tensor,
     policy_rejected: Tensor,
@@ -89,10 +98,8 @@ def dpo_loss(
     label_smoothing: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """DPO's loss (conservative DPO with ``label_smoothing`` > 0); see the module docstring."""
-    if beta <= 0:
-        raise ValueError(f"beta={beta} must be positive")
-    r_c = beta * (policy_chosen.float() - ref_chosen.float())
-    r_r = beta * (policy_rejected.float() - ref_rejected.float())
+    ratio_c, ratio_r = _log_ratios(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+    r_c, r_r = beta * ratio_c, beta * ratio_r
     return _smoothed_logsigmoid_loss(r_c - r_r, label_smoothing), _stats(r_c, r_r)
 
 
@@ -100,10 +107,7 @@ def ipo_loss(
     policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, beta: float
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """IPO's squared loss towards the log-ratio margin 1 / (2 beta); see the module docstring."""
-    if beta <= 0:
-        raise ValueError(f"beta={beta} must be positive")
-    ratio_c = policy_chosen.float() - ref_chosen.float()
-    ratio_r = policy_rejected.float() - ref_rejected.float()
+    ratio_c, ratio_r = _log_ratios(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
     loss = ((ratio_c - ratio_r - 1.0 / (2.0 * beta)) ** 2).mean()
     return loss, _stats(beta * ratio_c, beta * ratio_r)
 
